@@ -1,0 +1,72 @@
+"""Collectives: the thin layer over Horovod that every wrapper talks through.
+
+It does two things besides calling Horovod:
+
+* counts ``comm_bytes``: the payload bytes of every collective this rank joins (the size of
+  the tensor it hands to Horovod), so methods can be compared on communication volume;
+* takes ``process_set=`` the way Horovod does, so group and global collectives read alike.
+
+Horovod is imported lazily, so the rest of the package works without it.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+
+def payload_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class Collectives:
+    """Horovod collectives with byte accounting. One instance per optimizer wrapper."""
+
+    def __init__(self, name: str = "horovod_leader"):
+        import horovod.torch as hvd
+
+        if not hvd.is_initialized():
+            raise RuntimeError("Horovod is not initialised: call horovod_leader.init() (or hvd.init()) first")
+        self._hvd = hvd
+        self._name = name
+        self.bytes = 0
+
+    def _tag(self, name: str) -> str:
+        # Horovod matches collectives across ranks by name. Stable names (the same one for the
+        # same exchange every round) also let Horovod's response cache skip negotiation.
+        return f"{self._name}.{name}"
+
+    @property
+    def rank(self) -> int:
+        return self._hvd.rank()
+
+    @property
+    def size(self) -> int:
+        return self._hvd.size()
+
+    @property
+    def global_process_set(self):
+        return self._hvd.global_process_set
+
+    def allgather(self, tensor: torch.Tensor, name: str, process_set: Optional[Any] = None) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along dim 0."""
+        self.bytes += payload_bytes(tensor)
+        return self._hvd.allgather(tensor, name=self._tag(name),
+                                   process_set=process_set or self._hvd.global_process_set)
+
+    def broadcast_(self, tensor: torch.Tensor, root_rank: int, name: str, process_set: Optional[Any] = None) -> torch.Tensor:
+        """In-place broadcast from ``root_rank`` (a *global* rank, as Horovod requires)."""
+        self.bytes += payload_bytes(tensor)
+        return self._hvd.broadcast_(tensor, root_rank=root_rank, name=self._tag(name),
+                                    process_set=process_set or self._hvd.global_process_set)
+
+    def allreduce_(self, tensor: torch.Tensor, name: str, average: bool = False, process_set: Optional[Any] = None) -> torch.Tensor:
+        """In-place sum (or average) over the ranks of ``process_set``."""
+        self.bytes += payload_bytes(tensor)
+        op = self._hvd.Average if average else self._hvd.Sum
+        return self._hvd.allreduce_(tensor, op=op, name=self._tag(name),
+                                    process_set=process_set or self._hvd.global_process_set)
+
+    def allgather_object(self, obj: Any, name: str) -> list:
+        """Gather a small picklable object from every rank (used for signatures and checks)."""
+        return self._hvd.allgather_object(obj, name=self._tag(name))

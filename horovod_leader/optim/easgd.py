@@ -1,0 +1,82 @@
+r"""EASGD: elastic averaging with a centre variable replicated on every rank."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from horovod_leader.optim.averaging import healthy_count, mean_of_healthy_, pull_toward_, replace_by_mean_, weighted_sum_
+from horovod_leader.optim.base import DistributedWrapper, scalar_loss
+from horovod_leader.validation import check_int, check_real
+
+
+class EASGD(DistributedWrapper):
+    r"""Synchronous elastic averaging SGD (Zhang et al., 2015).
+
+    Every worker steps on its own. At the k-th ``step`` with ``period`` dividing k, after the
+    optimizer's step, with the values before this exchange:
+
+    .. math::
+
+        x_i \leftarrow x_i - \alpha\,(x_i - \tilde x), \qquad
+        \tilde x \leftarrow (1-\beta)\,\tilde x + \beta\,\frac1p\sum_i x_i
+
+    Floating buffers (batch-norm statistics) are replaced by the workers' mean in each round.
+    The centre :math:`\tilde x` is replicated identically on every rank: it starts as the
+    average of the workers at construction and is part of ``state_dict``. One all-reduce of the
+    packed parameters per round. ``alpha`` defaults to ``beta / size``; both lie in (0, 1]
+    (typical: ``beta = 0.9``, or 0.43 in the LSGD authors' code). A diverged worker does not
+    enter the mean and is reset to the new centre.
+    """
+
+    name = "easgd"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4,
+                 beta: float = 0.9, alpha: Optional[float] = None, *, broadcast_buffers: bool = True,
+                 topology=None):
+        self.period = check_int("period", period)
+        self.beta = check_real("beta", beta, 0.0, 1.0, low_open=True)
+        if alpha is not None:
+            check_real("alpha", alpha, 0.0, 1.0, low_open=True)
+        super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
+        self.alpha = self.beta / self.size if alpha is None else float(alpha)
+        self._mean: Dict[Any, torch.Tensor] = {}
+        self._buffer_mean: Dict[Any, torch.Tensor] = {}
+        self.centre: Dict[Any, torch.Tensor] = {}
+        weighted_sum_(self.comm, self.params, self.centre, torch.tensor([1.0 / self.size]), True, "init")
+
+    def step(self, loss=None) -> None:
+        if loss is not None:
+            scalar_loss(loss)
+        self._check_packed()
+        self._steps += 1
+        self.optimizer.step()
+        if self._steps % self.period == 0:
+            self._exchange()
+
+    def _exchange(self) -> None:
+        healthy = self._params_finite()
+        count = healthy_count(self.comm, healthy)
+        mean_of_healthy_(self.comm, self.params, self._mean, healthy, count, "mean")
+        with torch.no_grad():
+            for key, flat in self.params.items():
+                centre = self.centre[key]
+                if healthy:  # the elastic pull uses the centre before its own update
+                    pull_toward_(flat, centre, self.alpha)
+                centre.mul_(1.0 - self.beta).add_(self._mean[key], alpha=self.beta)
+                if not healthy:
+                    flat.flat.copy_(centre)
+        # Batch-norm statistics are not elastic: every worker takes their mean.
+        replace_by_mean_(self.comm, self.float_buffers, self._buffer_mean, healthy, count, "buffers")
+        if not healthy:
+            self._log_recovery("the EASGD centre")
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = self._base_state()
+        state["centre"] = [self.centre[key].clone() for key in self.params]
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._load_base_state(state)
+        for key, centre in zip(self.params, state["centre"]):
+            self.centre[key].copy_(centre)

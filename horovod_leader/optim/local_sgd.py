@@ -1,0 +1,52 @@
+"""Local SGD (periodic model averaging): every ``period`` steps, replace every worker by the mean."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from horovod_leader.optim.averaging import healthy_count, replace_by_mean_
+from horovod_leader.optim.base import DistributedWrapper, scalar_loss
+from horovod_leader.validation import check_int
+
+
+class LocalSGD(DistributedWrapper):
+    r"""Every worker steps on its own; at the k-th ``step`` with ``period`` dividing k, after
+    the optimizer's step, every worker is replaced by the plain average
+    :math:`\bar x = \frac1p \sum_i x_i` (and floating buffers by theirs).
+
+    One all-reduce of the packed parameters per round (plus a one-number count of the workers
+    whose parameters are finite: a diverged worker contributes nothing and is reset).
+    """
+
+    name = "localsgd"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4, *,
+                 broadcast_buffers: bool = True, topology=None):
+        self.period = check_int("period", period)
+        super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
+        self._mean: Dict[Any, torch.Tensor] = {}
+        self._buffer_mean: Dict[Any, torch.Tensor] = {}
+
+    def step(self, loss=None) -> None:
+        if loss is not None:
+            scalar_loss(loss)
+        self._check_packed()
+        self._steps += 1
+        self.optimizer.step()
+        if self._steps % self.period == 0:
+            self._average()
+
+    def _average(self) -> None:
+        healthy = self._params_finite()
+        count = healthy_count(self.comm, healthy)
+        replace_by_mean_(self.comm, self.params, self._mean, healthy, count, "mean")
+        replace_by_mean_(self.comm, self.float_buffers, self._buffer_mean, healthy, count, "buffers")
+        if not healthy:
+            self._log_recovery("the average of the healthy workers")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self._base_state()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._load_base_state(state)

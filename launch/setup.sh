@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything horovod_leader needs, in the repository's .venv:
+#   1. Open MPI (the one on PATH; otherwise Debian's packages when run as root with apt)
+#   2. .venv with the pinned requirements.txt
+#   3. Horovod 0.28.1 built from PyPI's sdist with PyTorch + MPI + Gloo, cached as a wheel
+#   4. this package, installed editable (with its compiled extension when a compiler is there)
+#   5. horovodrun --check-build, failing loudly if PyTorch, MPI or Gloo is missing
+# A warm re-run only checks stamps and finishes in seconds.
+#
+# Environment knobs:
+#   HOROVOD_LEADER_VENV   where the virtual environment goes            (default: <repo>/.venv)
+#   HOROVOD_LEADER_CACHE  where the built Horovod wheel is kept         (default: ~/.cache/horovod_leader)
+#   PYTHON                the interpreter the venv is made from        (default: python3)
+#   CUDA_HOME             CUDA toolkit for a GPU build (default: /usr/local/cuda when it exists)
+#   HOROVOD_*             passed through to Horovod's build (e.g. HOROVOD_GPU_OPERATIONS=NCCL)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${HOROVOD_LEADER_VENV:-$ROOT/.venv}
+CACHE=${HOROVOD_LEADER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/horovod_leader}
+PYTHON=${PYTHON:-python3}
+HOROVOD_VERSION=0.28.1
+say() { echo "[setup] $*"; }
+die() { echo "[setup] ERROR: $*" >&2; exit 1; }
+hash_of() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
+
+# ---------------------------------------------------------------- 1. Open MPI
+if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then
+    say "MPI: $(command -v mpirun) ($(mpirun --version 2>/dev/null | head -1))"
+elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    say "no MPI on PATH: installing Debian's openmpi-bin and libopenmpi-dev"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
+else
+    die "no MPI found (mpicc and mpirun must be on PATH). Load your cluster's MPI module
+       (e.g. 'module load openmpi') or install Open MPI with its development headers
+       (Debian/Ubuntu: apt-get install openmpi-bin libopenmpi-dev), then run this again."
+fi
+
+# ---------------------------------------------------------------- 2. virtual environment
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+REQ_STAMP="$VENV/.requirements.sha"
+if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$(hash_of "$ROOT/requirements.txt")" ]; then
+    say "installing pinned requirements (torch is large: this takes a few minutes the first time)"
+    "$PY" -m pip install -q -r "$ROOT/requirements.txt"
+    hash_of "$ROOT/requirements.txt" >"$REQ_STAMP"
+else
+    say "requirements: up to date"
+fi
+
+# ---------------------------------------------------------------- 3. Horovod
+TORCH_TAG=$("$PY" -c 'import torch; print(torch.__version__.replace("+", "_"))')
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
+# Horovod's CMake looks for a CUDA toolkit whenever torch is a CUDA build; say where it is,
+# or build CPU-only when there is none.
+if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then BUILD_FLAVOUR=cuda; else BUILD_FLAVOUR=cpu; unset CUDA_HOME; fi
+HVD_FLAGS=$(env | grep '^HOROVOD_' | grep -v '^HOROVOD_LEADER_' | sort | tr '\n' ' ' || true)
+WHEEL_DIR="$CACHE/horovod-$HOROVOD_VERSION-torch$TORCH_TAG-$BUILD_FLAVOUR-$(hash_of <(echo "$HVD_FLAGS"))"
+
+horovod_ok() {
+    "$PY" - <<'PYEOF' 2>/dev/null
+import horovod, horovod.torch as hvd
+assert horovod.__version__ == "0.28.1"
+assert hvd.mpi_built() and hvd.gloo_built()
+PYEOF
+}
+
+if horovod_ok; then
+    say "Horovod $HOROVOD_VERSION: already installed"
+else
+    if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
+        say "building Horovod $HOROVOD_VERSION from source ($BUILD_FLAVOUR; about 7 minutes on 2 cores)"
+        BUILD=$(mktemp -d)
+        trap 'rm -rf "$BUILD"' EXIT
+        "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$BUILD"
+        tar xzf "$BUILD"/horovod-$HOROVOD_VERSION.tar.gz -C "$BUILD"
+        SRC="$BUILD/horovod-$HOROVOD_VERSION"
+        # The one patch: Horovod 0.28.1 asks for C++14; torch >= 2.1 headers need C++17 and
+        # torch 2.14's need C++20.
+        CXX_STD=$("$PY" -c 'import torch; v=tuple(map(int, torch.__version__.split("+")[0].split(".")[:2])); print(20 if v >= (2, 14) else 17)')
+        sed -i "s/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD $CXX_STD)/" \
+            "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
+        grep -q "CMAKE_CXX_STANDARD $CXX_STD" "$SRC/horovod/torch/CMakeLists.txt" \
+            || die "could not patch Horovod's C++ standard (did its CMakeLists.txt change?)"
+        mkdir -p "$WHEEL_DIR"
+        (
+            cd "$SRC"
+            export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
+            export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+            export MAKEFLAGS="-j$(nproc)"
+            if [ "$BUILD_FLAVOUR" = cuda ]; then
+                # Point CMake at the real toolkit: an nvcc wrapper elsewhere on PATH would make
+                # it look for headers and cudart in the wrong prefix.
+                export HOROVOD_CUDA_HOME="$CUDA_HOME" CUDAToolkit_ROOT="$CUDA_HOME" PATH="$CUDA_HOME/bin:$PATH"
+            fi
+            "$PY" -m pip wheel --no-build-isolation --no-deps -w "$WHEEL_DIR" . >"$WHEEL_DIR/build.log" 2>&1
+        ) || { tail -40 "$WHEEL_DIR/build.log" >&2; rm -f "$WHEEL_DIR"/*.whl; die "Horovod build failed (full log: $WHEEL_DIR/build.log)"; }
+    else
+        say "Horovod $HOROVOD_VERSION: reusing cached wheel in $WHEEL_DIR"
+    fi
+    "$PY" -m pip install -q --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
+fi
+
+# ---------------------------------------------------------------- 4. this package
+# The fused-update extension is built in place (C++ always, CUDA too when a toolkit is there),
+# then the package is installed editable. Without a compiler the PyTorch fallback is used.
+PKG_STAMP="$VENV/.package.sha"
+PKG_HASH=$(hash_of "$ROOT/setup.py" $(find "$ROOT/horovod_leader/csrc" -type f 2>/dev/null | sort))
+if [ "$(cat "$PKG_STAMP" 2>/dev/null)" != "$PKG_HASH" ] || ! "$PY" -c 'import horovod_leader' 2>/dev/null; then
+    say "building the fused-update extension (C++, and CUDA when a toolkit is present: about a minute)"
+    if ! (cd "$ROOT" && "$PY" setup.py -q build_ext --inplace >"$VENV/.extension-build.log" 2>&1); then
+        tail -30 "$VENV/.extension-build.log" >&2
+        say "WARNING: the extension did not build (log: $VENV/.extension-build.log); the PyTorch fallback will be used"
+    fi
+    say "installing horovod_leader (editable)"
+    (cd "$ROOT" && HOROVOD_LEADER_NO_EXTENSION=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e .) \
+        || die "installing horovod_leader failed"
+    echo "$PKG_HASH" >"$PKG_STAMP"
+else
+    say "horovod_leader: up to date"
+fi
+say "fused update backend: $("$PY" -c 'from horovod_leader import fused; print(fused.backend(), "(CUDA kernel compiled in)" if fused.extension_has_cuda() else "")')"
+
+# ---------------------------------------------------------------- 5. check
+CHECK=$(PATH="$VENV/bin:$PATH" "$VENV/bin/horovodrun" --check-build)
+for want in PyTorch MPI Gloo; do
+    echo "$CHECK" | grep -Eq "\[X\] $want\b" || { echo "$CHECK" >&2; die "Horovod was built without $want"; }
+done
+say "ready: Horovod $HOROVOD_VERSION with PyTorch, MPI and Gloo; activate with 'source $VENV/bin/activate'"

@@ -1,0 +1,107 @@
+"""Single-process tests of the pieces that need no communication."""
+import math
+
+import pytest
+import torch
+
+from horovod_leader.election import ScoreWindow, elect, elect_all
+from horovod_leader.flat import key_name, pack
+from horovod_leader.topology import blocks_of, groups_from_colors, resolve_group_size
+from horovod_leader.validation import check_fraction, check_int, check_multiple
+
+
+def test_group_size_resolution(monkeypatch):
+    monkeypatch.delenv("HOROVOD_LEADER_GROUP_SIZE", raising=False)
+    assert resolve_group_size(None, 8) is None
+    assert resolve_group_size(2, 8) == 2
+    for bad in (3, 0, -4, 2.0, "2", True):
+        with pytest.raises(ValueError, match="group_size"):
+            resolve_group_size(bad, 8)
+    monkeypatch.setenv("HOROVOD_LEADER_GROUP_SIZE", "4")
+    assert resolve_group_size(None, 8) == 4
+    monkeypatch.setenv("HOROVOD_LEADER_GROUP_SIZE", "3")
+    with pytest.raises(ValueError, match="HOROVOD_LEADER_GROUP_SIZE"):
+        resolve_group_size(None, 8)
+    monkeypatch.setenv("HOROVOD_LEADER_GROUP_SIZE", "two")
+    with pytest.raises(ValueError, match="HOROVOD_LEADER_GROUP_SIZE"):
+        resolve_group_size(None, 8)
+
+
+def test_groups():
+    assert blocks_of(6, 2) == [[0, 1], [2, 3], [4, 5]]
+    # Node colours (lowest rank of each node) -> groups, also for uneven, interleaved nodes.
+    assert groups_from_colors([0, 0, 2, 2, 2]) == [[0, 1], [2, 3, 4]]
+    assert groups_from_colors([0, 1, 0, 1]) == [[0, 2], [1, 3]]
+
+
+def test_election_rules():
+    assert elect([3.0, 1.0, 2.0, 1.0], range(4)) == 1  # tie 1 vs 3 -> lowest rank
+    assert elect([math.nan, -math.inf, math.inf, 5.0], range(4)) == 3  # non-finite never wins
+    assert elect([math.nan, math.inf], range(2)) is None
+    assert elect([0.0, 9.0, 1.0, 2.0], [2, 3]) == 2  # only candidates count
+    leaders, best = elect_all([4.0, 3.0, 2.0, 1.0], [[0, 1], [2, 3]])
+    assert leaders == [1, 3] and best == 3
+
+
+def test_score_window_is_a_running_mean():
+    window = ScoreWindow(3)
+    assert window.score() == math.inf  # no loss yet: cannot lead
+    for loss in (10.0, torch.tensor(1.0), 2.0, 3.0):
+        window.record(loss)
+    assert window.score() == pytest.approx(2.0)  # mean of the last three
+    restored = ScoreWindow(3)
+    restored.load_state_dict(window.state_dict())
+    assert restored.score() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="loss"):
+        window.record(torch.ones(2))
+    with pytest.raises(ValueError, match="score_window"):
+        ScoreWindow(0)
+
+
+def test_validation_messages_name_the_argument():
+    with pytest.raises(ValueError, match=r"period must be an integer >= 1, got 0"):
+        check_int("period", 0)
+    with pytest.raises(ValueError, match=r"pull must lie in \[0, 1\], got 1.5"):
+        check_fraction("pull", 1.5)
+    with pytest.raises(ValueError, match="global_period=6 must be a multiple of period=4"):
+        check_multiple("global_period", 6, "period", 4)
+
+
+def test_pack_shares_memory_and_keeps_values():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2).double())
+    before = [p.detach().clone() for p in model.parameters()]
+    flats = pack(model.parameters())
+    assert {key_name(k) for k in flats} == {"float32.cpu", "float64.cpu"}
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    flat32 = flats[(torch.float32, torch.device("cpu"))]
+    flat32.flat.add_(1.0)  # writing the flat buffer writes the model
+    assert torch.equal(model[0].weight, before[0] + 1)
+    assert flat32.still_packed()
+    model[0].weight.data = model[0].weight.data.clone()
+    assert not flat32.still_packed()
+
+
+def test_grawa_weights_arithmetic():
+    from horovod_leader.grawa_weights import NormSmoother, local_terms, weights_from_sums
+
+    norms = [torch.tensor([n], dtype=torch.float64) for n in (1.0, 2.0, 4.0, 4.0)]
+    terms = [local_terms(n) for n in norms]
+    summed = sum(terms)
+    weights = [float(weights_from_sums(t, summed, 4)) for t in terms]
+    assert weights == pytest.approx([0.5, 0.25, 0.125, 0.125])
+    # zero norm: finite, dominant; NaN norm: weight 0; unhealthy worker: weight 0
+    edge = [local_terms(torch.tensor([v], dtype=torch.float64)) for v in (0.0, math.nan, 1.0)]
+    edge.append(local_terms(torch.tensor([1.0], dtype=torch.float64), healthy=False))
+    summed = sum(edge)
+    weights = [float(weights_from_sums(t, summed, 4)) for t in edge]
+    assert all(math.isfinite(w) for w in weights)
+    assert weights[0] == pytest.approx(1.0) and weights[1] == 0.0 and weights[3] == 0.0
+    # nobody finite: equal weights
+    none = [local_terms(torch.tensor([math.inf], dtype=torch.float64)) for _ in range(4)]
+    assert [float(weights_from_sums(t, sum(none), 4)) for t in none] == [0.25] * 4
+    # bias-corrected smoothing: a constant input comes out unchanged from the first round
+    smoother = NormSmoother(0.43)
+    assert float(smoother(torch.tensor([3.0], dtype=torch.float64))) == pytest.approx(3.0)
+    assert float(smoother(torch.tensor([3.0], dtype=torch.float64))) == pytest.approx(3.0)
+    assert float(smoother(torch.tensor([6.0], dtype=torch.float64))) == pytest.approx(
+        (0.43 * (0.57 * 3 + 0.43 * 0.57 * 3) + 0.57 * 6) / (1 - 0.43 ** 3))
