@@ -39,6 +39,16 @@ def unfused_update_(x, g, m, L, G, d, lr, momentum, dampening, weight_decay, nes
     x.mul_(1.0 - local_pull - global_pull).add_(L, alpha=local_pull).add_(G, alpha=global_pull).add_(d, alpha=-lr)
 
 
+def verify(device, n=100_003):
+    """The two timed versions must compute the same update, or the comparison means nothing."""
+    x, g, m, L, G = (torch.randn(n, device=device) for _ in range(5))
+    x2, m2, d = x.clone(), m.clone(), torch.empty_like(x)
+    fused.two_force_update_(x, g, m, L, G, **HYPER)
+    unfused_update_(x2, g, m2, L, G, d, **HYPER)
+    if not (torch.allclose(x, x2, rtol=1e-5, atol=1e-6) and torch.allclose(m, m2, rtol=1e-5, atol=1e-6)):
+        raise SystemExit("fused and unfused updates disagree: not benchmarking")
+
+
 def timed(fn, device, repeats, warmup=2):
     for _ in range(warmup):
         fn()
@@ -73,6 +83,7 @@ def main():
     device = torch.device(args.device)
     if fused.backend() != "extension":
         print("warning: the compiled extension is not built; 'fused' below is the PyTorch fallback", file=sys.stderr)
+    verify(device)
     rows = []
     for n in [int(float(s)) for s in args.sizes.split(",")]:
         x, g, m, L, G = (torch.randn(n, device=device) for _ in range(5))
