@@ -70,3 +70,24 @@ class Collectives:
     def allgather_object(self, obj: Any, name: str) -> list:
         """Gather a small picklable object from every rank (used for signatures and checks)."""
         return self._hvd.allgather_object(obj, name=self._tag(name))
+
+    # Non-blocking versions, for the asynchronous wrappers: each returns a Horovod handle;
+    # ``wait(handle)`` returns the result (at once when ``hvd.poll(handle)`` is true).
+    def allgather_async(self, tensor: torch.Tensor, name: str, process_set: Optional[Any] = None):
+        self.bytes += payload_bytes(tensor)
+        return self._hvd.allgather_async(tensor, name=self._tag(name),
+                                         process_set=process_set or self._hvd.global_process_set)
+
+    def broadcast_async_(self, tensor: torch.Tensor, root_rank: int, name: str, process_set: Optional[Any] = None):
+        self.bytes += payload_bytes(tensor)
+        return self._hvd.broadcast_async_(tensor, root_rank=root_rank, name=self._tag(name),
+                                          process_set=process_set or self._hvd.global_process_set)
+
+    def allreduce_async_(self, tensor: torch.Tensor, name: str, process_set: Optional[Any] = None):
+        """Non-blocking in-place sum."""
+        self.bytes += payload_bytes(tensor)
+        return self._hvd.allreduce_async_(tensor, op=self._hvd.Sum, name=self._tag(name),
+                                          process_set=process_set or self._hvd.global_process_set)
+
+    def wait(self, handle):
+        return self._hvd.synchronize(handle)

@@ -49,3 +49,9 @@ def check_choice(name: str, value, choices) -> object:
 
 def _interval(low, high, low_open, high_open) -> str:
     return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value

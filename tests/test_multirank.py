@@ -1,4 +1,6 @@
 """Multi-rank tests: each launches `mpirun -np 4` on a program in tests/mpi/ with a timeout."""
+import ast
+
 from mpi_harness import expect_passes, run_mpi, values
 
 
@@ -40,3 +42,11 @@ def test_every_method_trains_digits():
     expect_passes(result, [f"digits_{m}" for m in methods])
     for m in methods:
         assert float(values(result, f"accuracy_{m}")[0]) >= 0.90
+
+
+def test_asynchronous_variants():
+    result = run_mpi("async_checks.py", timeout=400)
+    expect_passes(result, ["fast_workers_run_ahead", "refreshes_at_scheduled_totals", "clean_shutdown_multi_group",
+                           "async_digits_lsgd", "async_digits_grawa", "async_digits_easgd"])
+    steps = ast.literal_eval(values(result, "async_steps")[0])  # [fast, fast, fast, slow] step counts
+    assert min(steps[:3]) > steps[3]

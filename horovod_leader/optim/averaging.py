@@ -1,11 +1,14 @@
 """The round shared by GRAWA, EASGD and local SGD: an all-reduce of weighted parameters.
 
-Each worker contributes ``weight * x`` (per tensor, for LGRAWA), or nothing at all when its
-parameters are not finite, so a diverged worker never poisons the centre.
+Each worker contributes ``weight * x`` (per tensor, for LGRAWA), or zeros when its parameters
+are not finite, so a diverged worker never poisons the centre. The all-reduces are posted
+non-blocking; the refresh generators of the wrappers yield their handles (see
+``horovod_leader.async_schedule``), so the same code serves the synchronous and the
+asynchronous modes.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -13,12 +16,14 @@ from horovod_leader.comm import Collectives
 from horovod_leader.flat import FlatBuffer, key_name
 
 
-def weighted_sum_(comm: Collectives, flats: Dict, out: Dict, weights: Optional[torch.Tensor], contribute: bool,
-                  name: str) -> Dict:
-    """``out[key] = sum_i w_i * x_i`` over workers, for every packed buffer; returns ``out``.
+def post_weighted_sum(comm: Collectives, flats: Dict, out: Dict, weights: Optional[torch.Tensor],
+                      contribute: bool, name: str) -> List:
+    """Post ``out[key] = sum_i w_i * x_i`` over workers for every packed buffer; return handles.
 
     ``weights`` holds one weight, or one per tensor in packing order (None: weight 1).
+    ``out`` must not be read until the handles are done.
     """
+    handles = []
     offset = 0
     for key, flat in flats.items():
         buf = out.get(key)
@@ -36,8 +41,21 @@ def weighted_sum_(comm: Collectives, flats: Dict, out: Dict, weights: Optional[t
                 for src, dst, w in zip(flat.views(flat.flat), flat.views(buf), weights[offset:offset + count].tolist()):
                     torch.mul(src, w, out=dst)
         offset += count
-        comm.allreduce_(buf, name=f"{name}.{key_name(key)}")
-    return out
+        handles.append(comm.allreduce_async_(buf, name=f"{name}.{key_name(key)}"))
+    return handles
+
+
+def post_healthy_count(comm: Collectives, healthy: bool, out: torch.Tensor) -> List:
+    """Post the count of workers whose parameters are finite (one number) into ``out``."""
+    out.fill_(1.0 if healthy else 0.0)
+    return [comm.allreduce_async_(out, name="healthy")]
+
+
+def divide_(sums: Dict, count: float) -> Dict:
+    """Turn sums over the healthy workers into their mean."""
+    for buf in sums.values():
+        buf.mul_(1.0 / max(count, 1.0))
+    return sums
 
 
 def pull_toward_(flat: FlatBuffer, centre: torch.Tensor, pull: float) -> None:
@@ -51,20 +69,6 @@ def pull_toward_(flat: FlatBuffer, centre: torch.Tensor, pull: float) -> None:
             fused.leader_pull_(flat.flat, None, centre, global_pull=pull)
 
 
-def healthy_count(comm: Collectives, healthy: bool) -> float:
-    """How many workers have finite parameters (one all-reduce of one number)."""
-    count = torch.tensor([1.0 if healthy else 0.0], dtype=torch.float64)
-    comm.allreduce_(count, name="healthy")
-    return float(count)
-
-
-def mean_of_healthy_(comm: Collectives, flats: Dict, out: Dict, healthy: bool, count: float, name: str) -> Dict:
-    """``out[key]`` = the mean over the ``count`` workers with finite parameters."""
-    return weighted_sum_(comm, flats, out, torch.tensor([1.0 / max(count, 1.0)]), healthy, name)
-
-
-def replace_by_mean_(comm: Collectives, flats: Dict, out: Dict, healthy: bool, count: float, name: str) -> None:
-    """Every worker takes the mean of the healthy workers (used for floating buffers too)."""
-    mean_of_healthy_(comm, flats, out, healthy, count, name)
+def replace_all_(flats: Dict, centres: Dict) -> None:
     for key, flat in flats.items():
-        pull_toward_(flat, out[key], 1.0)
+        pull_toward_(flat, centres[key], 1.0)

@@ -135,15 +135,43 @@ class DistributedWrapper:
         """The wrapped optimizer's param groups (so LR schedulers can be pointed at either)."""
         return self.optimizer.param_groups
 
+    # ------------------------------------------------------------------ refresh rounds
+    def _setup_rounds(self, asynchronous: bool, steps_per_round: int) -> None:
+        """Synchronous rounds run at once; asynchronous ones are scheduled on the global step
+        count, one round per ``size * steps_per_round`` steps of all ranks together."""
+        from horovod_leader.async_schedule import AsyncSchedule, GlobalStepCounter, RefreshDriver
+
+        self.asynchronous = asynchronous
+        self._driver = RefreshDriver()
+        self._schedule = (AsyncSchedule(self.size * steps_per_round, GlobalStepCounter(), self._driver)
+                          if asynchronous else None)
+
+    def _round(self, number: int):
+        """The refresh as a generator of posted collectives (see ``async_schedule``)."""
+        raise NotImplementedError
+
+    def _run_round(self, number: int) -> None:
+        """A synchronous round: post, wait, apply, before ``step`` returns."""
+        self._driver.start(self._round(number), block=True)
+
+    @property
+    def rounds_history(self):
+        """Asynchronous mode: (round, global step total, this rank's steps) when it started each round."""
+        return list(self._schedule.history) if getattr(self, "_schedule", None) else []
+
     def close(self) -> None:
         """Leave the collective schedule: returns on every rank once every rank has closed.
 
-        Call it when this rank stops stepping (``with opt:`` calls it on exit). In the
-        synchronous wrappers every rank must have taken the same number of steps.
+        Call it when this rank stops stepping (``with opt:`` calls it on exit). Asynchronous
+        wrappers keep joining the refreshes that fall due until every rank has closed, so
+        ranks may stop at different step counts; in the synchronous ones every rank must have
+        taken the same number of steps.
         """
         if self._closed:
             return
         self._closed = True
+        if getattr(self, "_schedule", None) is not None:
+            self._schedule.close(self._round, self._steps)
         import horovod.torch as hvd
         hvd.join()
 

@@ -5,13 +5,14 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from horovod_leader.optim.averaging import healthy_count, mean_of_healthy_, pull_toward_, replace_by_mean_, weighted_sum_
+from horovod_leader.optim.averaging import (divide_, post_healthy_count, post_weighted_sum, pull_toward_,
+                                            replace_all_)
 from horovod_leader.optim.base import DistributedWrapper, scalar_loss
-from horovod_leader.validation import check_int, check_real
+from horovod_leader.validation import check_bool, check_int, check_real
 
 
 class EASGD(DistributedWrapper):
-    r"""Synchronous elastic averaging SGD (Zhang et al., 2015).
+    r"""Synchronous (or asynchronous) elastic averaging SGD (Zhang et al., 2015).
 
     Every worker steps on its own. At the k-th ``step`` with ``period`` dividing k, after the
     optimizer's step, with the values before this exchange:
@@ -27,23 +28,32 @@ class EASGD(DistributedWrapper):
     packed parameters per round. ``alpha`` defaults to ``beta / size``; both lie in (0, 1]
     (typical: ``beta = 0.9``, or 0.43 in the LSGD authors' code). A diverged worker does not
     enter the mean and is reset to the new centre.
+
+    ``asynchronous=True``: rounds are scheduled on the global step count (every
+    ``size * period`` steps of all workers together) and run while the workers keep stepping;
+    the elastic pull acts on the worker's current parameters when the mean arrives.
     """
 
     name = "easgd"
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4,
-                 beta: float = 0.9, alpha: Optional[float] = None, *, broadcast_buffers: bool = True,
-                 topology=None):
+                 beta: float = 0.9, alpha: Optional[float] = None, *, asynchronous: bool = False,
+                 broadcast_buffers: bool = True, topology=None):
         self.period = check_int("period", period)
         self.beta = check_real("beta", beta, 0.0, 1.0, low_open=True)
         if alpha is not None:
             check_real("alpha", alpha, 0.0, 1.0, low_open=True)
+        check_bool("asynchronous", asynchronous)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
         self.alpha = self.beta / self.size if alpha is None else float(alpha)
-        self._mean: Dict[Any, torch.Tensor] = {}
-        self._buffer_mean: Dict[Any, torch.Tensor] = {}
+        self._sum: Dict[Any, torch.Tensor] = {}
+        self._buffer_sum: Dict[Any, torch.Tensor] = {}
+        self._count = torch.zeros(1, dtype=torch.float64)
         self.centre: Dict[Any, torch.Tensor] = {}
-        weighted_sum_(self.comm, self.params, self.centre, torch.tensor([1.0 / self.size]), True, "init")
+        for handle in post_weighted_sum(self.comm, self.params, self.centre, torch.tensor([1.0 / self.size]), True,
+                                        "init"):
+            self.comm.wait(handle)
+        self._setup_rounds(asynchronous, self.period)
 
     def step(self, loss=None) -> None:
         if loss is not None:
@@ -51,23 +61,28 @@ class EASGD(DistributedWrapper):
         self._check_packed()
         self._steps += 1
         self.optimizer.step()
-        if self._steps % self.period == 0:
-            self._exchange()
+        if self.asynchronous:
+            self._schedule.after_step(self._round, self._steps)
+        elif self._steps % self.period == 0:
+            self._run_round(self._steps // self.period)
 
-    def _exchange(self) -> None:
+    def _round(self, number: int):
         healthy = self._params_finite()
-        count = healthy_count(self.comm, healthy)
-        mean_of_healthy_(self.comm, self.params, self._mean, healthy, count, "mean")
+        handles = post_healthy_count(self.comm, healthy, self._count)
+        handles += post_weighted_sum(self.comm, self.params, self._sum, None, healthy, "sum")
+        handles += post_weighted_sum(self.comm, self.float_buffers, self._buffer_sum, None, healthy, "buffers")
+        yield handles
+        count = float(self._count)
+        mean = divide_(self._sum, count)
         with torch.no_grad():
             for key, flat in self.params.items():
                 centre = self.centre[key]
                 if healthy:  # the elastic pull uses the centre before its own update
                     pull_toward_(flat, centre, self.alpha)
-                centre.mul_(1.0 - self.beta).add_(self._mean[key], alpha=self.beta)
+                centre.mul_(1.0 - self.beta).add_(mean[key], alpha=self.beta)
                 if not healthy:
                     flat.flat.copy_(centre)
-        # Batch-norm statistics are not elastic: every worker takes their mean.
-        replace_by_mean_(self.comm, self.float_buffers, self._buffer_mean, healthy, count, "buffers")
+        replace_all_(self.float_buffers, divide_(self._buffer_sum, count))
         if not healthy:
             self._log_recovery("the EASGD centre")
 

@@ -6,9 +6,9 @@ from typing import Any, Dict
 import torch
 
 from horovod_leader import grawa_weights
-from horovod_leader.optim.averaging import pull_toward_, weighted_sum_
+from horovod_leader.optim.averaging import post_weighted_sum, pull_toward_, replace_all_
 from horovod_leader.optim.base import DistributedWrapper, scalar_loss
-from horovod_leader.validation import check_fraction, check_int, check_real
+from horovod_leader.validation import check_bool, check_fraction, check_int, check_real
 
 
 class GRAWA(DistributedWrapper):
@@ -38,6 +38,11 @@ class GRAWA(DistributedWrapper):
     norm is non-finite the weights are equal. A worker with non-finite parameters contributes
     nothing and is reset to the centre, with its optimizer state cleared.
 
+    ``asynchronous=True``: workers step at their own pace; a round starts when the steps of all
+    workers together cross a multiple of ``size * period`` (``horovod_leader.async_schedule``),
+    its collectives run while the worker keeps stepping, and the pull is applied to the
+    worker's current parameters when the centre arrives (at most one round interval stale).
+
     Defaults are the authors' (CIFAR-10, ResNet-20, 4 workers): ``period=32``, ``pull=0.5``.
     """
 
@@ -45,51 +50,57 @@ class GRAWA(DistributedWrapper):
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 32,
                  pull: float = 0.5, layerwise: bool = False, prox: float = 0.0, norm_decay: float = 0.0, *,
-                 broadcast_buffers: bool = True, topology=None):
+                 asynchronous: bool = False, broadcast_buffers: bool = True, topology=None):
         self.period = check_int("period", period)
         self.pull = check_fraction("pull", pull)
-        if not isinstance(layerwise, bool):
-            raise ValueError(f"layerwise must be True or False, got {layerwise!r}")
-        self.layerwise = layerwise
+        self.layerwise = check_bool("layerwise", layerwise)
         self.prox = check_fraction("prox", prox)
         self.norm_decay = check_real("norm_decay", norm_decay, 0.0, 1.0, high_open=True)
+        check_bool("asynchronous", asynchronous)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
         self._tensors = [t for flat in self.params.values() for t in flat.tensors]  # packing order
         self._smoother = grawa_weights.NormSmoother(self.norm_decay)
-        self._centre: Dict[Any, torch.Tensor] = {}
+        self._centre: Dict[Any, torch.Tensor] = {}     # last centre received (prox pulls toward it)
+        self._incoming: Dict[Any, torch.Tensor] = {}   # the centre being all-reduced
         self._buffer_mean: Dict[Any, torch.Tensor] = {}
+        self._norms = None
         self.last_weights = None  # this worker's weights in the last round (one, or one per tensor)
+        self._setup_rounds(asynchronous, self.period)
 
     def step(self, loss=None) -> None:
-        """One step of the wrapped optimizer; an averaging round when ``period`` divides the count."""
+        """One step of the wrapped optimizer; then an averaging round when one is due."""
         if loss is not None:
             scalar_loss(loss)
         self._check_packed()
         self._steps += 1
-        averaging = self._steps % self.period == 0
-        norms = grawa_weights.grad_norms(self._tensors, self.layerwise) if averaging else None
+        due = self._steps % self.period == 0
+        if due or self.asynchronous:  # asynchronous rounds may start at any step
+            self._norms = grawa_weights.grad_norms(self._tensors, self.layerwise)
         self.optimizer.step()
-        if averaging:
-            self._average(self._smoother(norms))
-        elif self.prox and self._centre:
+        if self.prox and self._centre and not due:
             for key, flat in self.params.items():
                 pull_toward_(flat, self._centre[key], self.prox / self.period)
+        if self.asynchronous:
+            self._schedule.after_step(self._round, self._steps)
+        elif due:
+            self._run_round(self._steps // self.period)
 
-    def _average(self, norms: torch.Tensor) -> None:
+    def _round(self, number: int):
+        norms = self._smoother(self._norms)
         healthy = self._params_finite()
         mine = grawa_weights.local_terms(norms, healthy)
         summed = mine.clone()
-        self.comm.allreduce_(summed, name="norms")
+        yield [self.comm.allreduce_async_(summed, name="norms")]
         weights = grawa_weights.weights_from_sums(mine, summed, self.size)
         self.last_weights = weights
-        weighted_sum_(self.comm, self.params, self._centre, weights, healthy, "centre")
-        if self.float_buffers:
-            weighted_sum_(self.comm, self.float_buffers, self._buffer_mean, torch.tensor([1.0 / self.size]), True,
-                          "buffers")
-            for key, flat in self.float_buffers.items():
-                pull_toward_(flat, self._buffer_mean[key], 1.0)
+        handles = post_weighted_sum(self.comm, self.params, self._incoming, weights, healthy, "centre")
+        handles += post_weighted_sum(self.comm, self.float_buffers, self._buffer_mean,
+                                     torch.tensor([1.0 / self.size]), True, "buffers")
+        yield handles
+        self._centre, self._incoming = self._incoming, self._centre
         for key, flat in self.params.items():
             pull_toward_(flat, self._centre[key], self.pull if healthy else 1.0)
+        replace_all_(self.float_buffers, self._buffer_mean)
         if not healthy:
             self._log_recovery("the GRAWA centre")
 

@@ -5,7 +5,7 @@ from typing import Any, Dict
 
 import torch
 
-from horovod_leader.optim.averaging import healthy_count, replace_by_mean_
+from horovod_leader.optim.averaging import divide_, post_healthy_count, post_weighted_sum, replace_all_
 from horovod_leader.optim.base import DistributedWrapper, scalar_loss
 from horovod_leader.validation import check_int
 
@@ -15,7 +15,7 @@ class LocalSGD(DistributedWrapper):
     the optimizer's step, every worker is replaced by the plain average
     :math:`\bar x = \frac1p \sum_i x_i` (and floating buffers by theirs).
 
-    One all-reduce of the packed parameters per round (plus a one-number count of the workers
+    One all-reduce of the packed parameters per round (with a one-number count of the workers
     whose parameters are finite: a diverged worker contributes nothing and is reset).
     """
 
@@ -25,8 +25,10 @@ class LocalSGD(DistributedWrapper):
                  broadcast_buffers: bool = True, topology=None):
         self.period = check_int("period", period)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
-        self._mean: Dict[Any, torch.Tensor] = {}
-        self._buffer_mean: Dict[Any, torch.Tensor] = {}
+        self._sum: Dict[Any, torch.Tensor] = {}
+        self._buffer_sum: Dict[Any, torch.Tensor] = {}
+        self._count = torch.zeros(1, dtype=torch.float64)
+        self._setup_rounds(False, self.period)
 
     def step(self, loss=None) -> None:
         if loss is not None:
@@ -35,13 +37,17 @@ class LocalSGD(DistributedWrapper):
         self._steps += 1
         self.optimizer.step()
         if self._steps % self.period == 0:
-            self._average()
+            self._run_round(self._steps // self.period)
 
-    def _average(self) -> None:
+    def _round(self, number: int):
         healthy = self._params_finite()
-        count = healthy_count(self.comm, healthy)
-        replace_by_mean_(self.comm, self.params, self._mean, healthy, count, "mean")
-        replace_by_mean_(self.comm, self.float_buffers, self._buffer_mean, healthy, count, "buffers")
+        handles = post_healthy_count(self.comm, healthy, self._count)
+        handles += post_weighted_sum(self.comm, self.params, self._sum, None, healthy, "sum")
+        handles += post_weighted_sum(self.comm, self.float_buffers, self._buffer_sum, None, healthy, "buffers")
+        yield handles
+        count = float(self._count)
+        replace_all_(self.params, divide_(self._sum, count))
+        replace_all_(self.float_buffers, divide_(self._buffer_sum, count))
         if not healthy:
             self._log_recovery("the average of the healthy workers")
 

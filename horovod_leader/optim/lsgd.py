@@ -16,7 +16,7 @@ from horovod_leader import fused
 from horovod_leader.election import ScoreWindow, elect_all
 from horovod_leader.flat import FlatBuffer, key_name
 from horovod_leader.optim.base import DistributedWrapper, scalar_loss
-from horovod_leader.validation import check_fraction, check_int, check_multiple
+from horovod_leader.validation import check_bool, check_fraction, check_int, check_multiple
 
 
 _SGD_HYPERPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
@@ -54,6 +54,16 @@ class LSGD(DistributedWrapper):
     A worker whose score or parameters are not finite never leads; at the next refresh its
     parameters are reset to the leader's, its optimizer state cleared, and the recovery logged.
 
+    ``asynchronous=True`` (the paper's Algorithm 1): workers step at their own pace; refresh
+    round n starts when the steps of all workers together reach ``n * size * period`` (with
+    one group, ``size * global_period``), counted with one-sided MPI atomics, so a fast worker
+    takes more steps between refreshes than a slow one. The round's score gathering and leader
+    broadcasts are non-blocking: the worker keeps stepping, and the pull
+    ``x <- x - a (x - x_group) - b (x - x_global)`` is applied to its current parameters when the
+    copies arrive. A worker starts round n+1 only after round n completed, so the copies are
+    at most one round interval old. Ranks may stop at different step counts: ``close()``
+    keeps serving due refreshes until every rank has closed.
+
     Args:
         optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters.
         model: the model; its parameters and buffers are packed into flat buffers (values
@@ -67,6 +77,7 @@ class LSGD(DistributedWrapper):
         score_window: number of recent losses averaged into the score (default: ``period``).
         broadcast_buffers: send the leader's buffers (batch-norm statistics) with its
             parameters; floating buffers are pulled like parameters, others are copied.
+        asynchronous: run the asynchronous variant described above.
         fused: ``None`` (auto: fuse when the optimizer is plain SGD), ``False`` never.
         topology: a ``Topology`` from ``horovod_leader.init``; default: the current one.
     """
@@ -75,8 +86,8 @@ class LSGD(DistributedWrapper):
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4,
                  global_period: Optional[int] = None, local_pull: float = 0.1, global_pull: float = 0.1,
-                 prox: float = 0.0, score_window: Optional[int] = None, *, broadcast_buffers: bool = True,
-                 fused: Optional[bool] = None, topology=None):
+                 prox: float = 0.0, score_window: Optional[int] = None, *, asynchronous: bool = False,
+                 broadcast_buffers: bool = True, fused: Optional[bool] = None, topology=None):
         # Validate everything before the base class communicates.
         self.period = check_int("period", period)
         self.global_period = self.period if global_period is None else check_int("global_period", global_period)
@@ -87,6 +98,7 @@ class LSGD(DistributedWrapper):
         self.scores = ScoreWindow(self.period if score_window is None else check_int("score_window", score_window))
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        check_bool("asynchronous", asynchronous)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
         self._fuse_allowed = fused is not False and self._sgd_over_whole_model()
         if fused is True and not self._fuse_allowed:
@@ -95,12 +107,15 @@ class LSGD(DistributedWrapper):
         self._local_leader: Optional[int] = None
         self._global_leader: Optional[int] = None
         self.last_scores: Optional[List[float]] = None
-        # Last received leader copies, one flat tensor per packed buffer ("local"/"global").
+        # Last received leader copies, one flat tensor per packed buffer ("local"/"global"),
+        # and the buffers a broadcast in flight writes into (swapped in when it completes).
         self._copies: Dict[str, Dict[str, torch.Tensor]] = {"local": {}, "global": {}}
+        self._incoming: Dict[str, Dict[str, torch.Tensor]] = {"local": {}, "global": {}}
         self._grads: Dict[Any, torch.Tensor] = {}
         self._momentum: Dict[Any, torch.Tensor] = {}
         self._anchor: Dict[Any, torch.Tensor] = {}
         self.fused_steps = 0  # how many steps took the fused path (for tests and logs)
+        self._setup_rounds(asynchronous, self.period if self._multi else self.global_period)
 
     # ------------------------------------------------------------------ public state
     @property
@@ -121,6 +136,9 @@ class LSGD(DistributedWrapper):
         self._steps += 1
         k = self._steps
         self.scores.record(loss)
+        if self.asynchronous:
+            self._async_step()
+            return
         local_refresh = self._multi and k % self.period == 0
         global_refresh = k % self.global_period == 0
         got_local = got_global = False
@@ -133,6 +151,53 @@ class LSGD(DistributedWrapper):
         b = self._coefficient("global", self.global_pull if got_global else 0.0, self.global_period)
         if not (self._fuse_allowed and self._fused_step(a, b)):
             self._unfused_step(a, b)
+        self._pull_buffers(a, b, got_local, got_global)
+
+    def _async_step(self) -> None:
+        """Gradient step with the per-step proximal pulls, then count it and serve refreshes."""
+        a = self._coefficient("local", 0.0, self.period) if self._multi else 0.0
+        b = self._coefficient("global", 0.0, self.global_period)
+        if not (self._fuse_allowed and self._fused_step(a, b)):
+            self._unfused_step(a, b)
+        self._pull_buffers(a, b, False, False)
+        self._schedule.after_step(self._round, self._steps)
+
+    def _round(self, number: int):
+        """Asynchronous refresh round ``number``: gather scores, elect, receive, pull."""
+        unit = self.size * (self.period if self._multi else self.global_period)
+        local = self._multi
+        global_ = (number * unit) % (self.size * self.global_period) == 0
+        topo = self.topology
+        score = self.scores.score()
+        healthy = math.isfinite(score) and self._params_finite()
+        mine = torch.tensor([score if healthy else math.inf], dtype=torch.float64)
+        (gathered,) = yield [self.comm.allgather_async(mine, name="async.scores")]
+        scores = gathered.tolist()
+        self.last_scores = scores
+        group_leaders, global_leader = elect_all(scores, topo.groups)
+        handles, levels = [], []
+        if local and group_leaders[topo.group] is not None:
+            self._local_leader = group_leaders[topo.group]
+            handles += self._post_receive("local", self._local_leader, topo.process_set)
+            levels.append("local")
+        if global_ and global_leader is not None:
+            self._global_leader = global_leader
+            handles += self._post_receive("global", global_leader, self.comm.global_process_set)
+            levels.append("global")
+        yield handles
+        for level in levels:
+            self._copies[level], self._incoming[level] = self._incoming[level], self._copies[level]
+        got_local, got_global = "local" in levels, "global" in levels
+        if not healthy and levels:
+            self._recover("global" if got_global else "local")
+            return
+        a = self.local_pull if got_local else 0.0
+        b = self.global_pull if got_global else 0.0
+        with torch.no_grad():
+            for key, flat in self.params.items():
+                local_copy, global_copy = self._leaders_for("param", key, a, b)
+                if local_copy is not None or global_copy is not None:
+                    fused.leader_pull_(flat.flat, local_copy, global_copy, local_pull=a, global_pull=b)
         self._pull_buffers(a, b, got_local, got_global)
 
     def _coefficient(self, level: str, refresh_pull: float, period: int) -> float:
@@ -171,14 +236,22 @@ class LSGD(DistributedWrapper):
         return out
 
     def _receive(self, level: str, leader: int, process_set) -> None:
-        copies = self._copies[level]
+        for handle in self._post_receive(level, leader, process_set):
+            self.comm.wait(handle)
+        self._copies[level], self._incoming[level] = self._incoming[level], self._copies[level]
+
+    def _post_receive(self, level: str, leader: int, process_set) -> list:
+        """Post the leader's broadcast of every exchanged buffer into the incoming buffers."""
+        incoming = self._incoming[level]
+        handles = []
         for name, flat in self._exchanged().items():
-            copy = copies.get(name)
-            if copy is None:
-                copy = copies[name] = flat.like()
+            buf = incoming.get(name)
+            if buf is None:
+                buf = incoming[name] = flat.like()
             if self.rank == leader:
-                copy.copy_(flat.flat)
-            self.comm.broadcast_(copy, leader, name=f"{level}.{name}", process_set=process_set)
+                buf.copy_(flat.flat)
+            handles.append(self.comm.broadcast_async_(buf, leader, name=f"{level}.{name}", process_set=process_set))
+        return handles
 
     # ------------------------------------------------------------------ applying the forces
     def _leaders_for(self, kind: str, key, a: float, b: float):
@@ -309,7 +382,4 @@ class LSGD(DistributedWrapper):
             for name, tensor in copies.items():
                 if name not in exchanged:
                     raise ValueError(f"state_dict holds a leader copy {name!r} that this model does not have")
-                target = self._copies[level].get(name)
-                if target is None:
-                    target = self._copies[level][name] = exchanged[name].like()
-                target.copy_(tensor)
+                self._copies[level].setdefault(name, exchanged[name].like()).copy_(tensor)

@@ -1,0 +1,163 @@
+"""Benchmark: one straggler among 4 ranks, synchronous against asynchronous LSGD and GRAWA.
+
+    python benchmarks/straggler.py                       # 4 ranks, rank 3 three times slower
+    python benchmarks/straggler.py --budget 2 --no-markdown --out /tmp/s   # a tiny run
+
+Rank 3 is slowed by a known factor: after each forward and backward pass it sleeps
+(factor - 1) times the time that computation took it. Each configuration trains the digits
+CNN for the same wall-clock budget; the synchronous runs agree on stopping every ``period`` steps (so all ranks take the same number of
+steps), the asynchronous ones stop each rank at its own deadline and close. Reported: the fast
+ranks' steps per second in each mode, their ratio, and the test accuracy at the budget
+(LSGD: its global leader; GRAWA: the workers' average).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def launch(args) -> None:
+    """Run this file under mpirun (4 ranks) in worker mode, then write tables and plots."""
+    from report_tables import machine_description, markdown_table, today, update_section
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / "straggler_raw.json"
+    cmd = ["mpirun", "-np", "4", "--oversubscribe", "--bind-to", "none", "-x", "OMP_NUM_THREADS=1"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    cmd += [sys.executable, "-u", __file__, "--worker", "--budget", str(args.budget), "--factor", str(args.factor),
+            "--out", str(raw)]
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run(cmd, check=True, env=env, timeout=60 + 8 * args.budget)
+    runs = json.loads(raw.read_text())
+    rows, summary = [], {}
+    for algo in ("lsgd", "grawa"):
+        sync, asyn = runs[f"{algo}-sync"], runs[f"{algo}-async"]
+        fast_sync = sum(sync["steps_per_s"][:3]) / 3
+        fast_async = sum(asyn["steps_per_s"][:3]) / 3
+        summary[algo] = {"fast_steps_per_s_sync": fast_sync, "fast_steps_per_s_async": fast_async,
+                         "ratio": fast_async / fast_sync, "accuracy_sync": sync["accuracy"],
+                         "accuracy_async": asyn["accuracy"], "slow_steps_per_s_sync": sync["steps_per_s"][3],
+                         "slow_steps_per_s_async": asyn["steps_per_s"][3]}
+        s = summary[algo]
+        rows.append([algo.upper(), f"{fast_sync:.1f}", f"{fast_async:.1f}", f"{s['ratio']:.2f}x",
+                     f"{s['slow_steps_per_s_sync']:.1f} / {s['slow_steps_per_s_async']:.1f}",
+                     f"{s['accuracy_sync']:.3f}", f"{s['accuracy_async']:.3f}"])
+    machine = machine_description()
+    command = " ".join(["python"] + sys.argv)
+    result = {"benchmark": "straggler", "machine": machine, "date": today(), "command": command,
+              "budget_s": args.budget, "factor": args.factor, "summary": summary, "runs": runs}
+    (out / "straggler.json").write_text(json.dumps(result, indent=2))
+    plot(summary, out / "straggler.png", args)
+    table = markdown_table(["method", "fast ranks, steps/s sync", "fast ranks, steps/s async", "async / sync",
+                            "slow rank steps/s (sync / async)", "test acc. sync", "test acc. async"], rows)
+    print(table)
+    if not args.no_markdown:
+        update_section("straggler", f"Machine: {machine}. Date: {today()}. 4 ranks, rank 3 slowed {args.factor}x, "
+                                    f"{args.budget} s per configuration, digits CNN.\nCommand: `{command}`\n\n{table}\n\n"
+                                    "Plot: `benchmarks/results/straggler.png`")
+
+
+def plot(summary, path, args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algos = list(summary)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = range(len(algos))
+    ax.bar([x - 0.2 for x in xs], [summary[a]["fast_steps_per_s_sync"] for a in algos], 0.4, label="synchronous")
+    ax.bar([x + 0.2 for x in xs], [summary[a]["fast_steps_per_s_async"] for a in algos], 0.4, label="asynchronous")
+    ax.set_xticks(list(xs), [a.upper() for a in algos])
+    ax.set_ylabel("fast ranks: steps / s")
+    ax.set_title(f"One rank {args.factor}x slower (4 ranks)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def worker(args) -> None:
+    import horovod.torch as hvd
+    import torch
+    from torch import nn
+
+    import horovod_leader as hl
+    from horovod_leader.data import digits, shard
+    from horovod_leader.models import DigitsCNN
+
+    topo = hl.init(group_size=4)
+    rank, size = topo.rank, topo.size
+    train, test = digits()
+    mine = shard(train, rank, size)
+    period = {"lsgd": 4, "grawa": 8}
+    runs = {}
+    for algo in ("lsgd", "grawa"):
+        for mode in ("sync", "async"):
+            torch.manual_seed(0)
+            model = DigitsCNN()
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+            sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            asynchronous = mode == "async"
+            if algo == "lsgd":
+                opt = hl.LSGD(sgd, model, period=period[algo], asynchronous=asynchronous)
+            else:
+                opt = hl.GRAWA(sgd, model, period=period[algo], pull=0.5, asynchronous=asynchronous)
+            loader = torch.utils.data.DataLoader(mine, batch_size=32, shuffle=True,
+                                                 generator=torch.Generator().manual_seed(rank))
+            hvd.allreduce(torch.zeros(1), name=f"bench.start.{algo}.{mode}")  # start together
+            start = time.perf_counter()
+            deadline = start + args.budget
+            steps, stop = 0, False
+            while not stop:
+                for x, y in loader:
+                    t0 = time.perf_counter()
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    sgd.zero_grad()
+                    loss.backward()
+                    if rank == size - 1:  # the straggler: its computation takes `factor` times as long
+                        time.sleep((args.factor - 1) * (time.perf_counter() - t0))
+                    opt.step(loss)
+                    steps += 1
+                    if asynchronous:
+                        stop = time.perf_counter() >= deadline
+                    elif steps % period[algo] == 0:  # agree on stopping, so step counts stay equal
+                        late = torch.tensor([float(time.perf_counter() >= deadline)])
+                        stop = bool(hvd.allreduce(late, op=hvd.Max, name=f"bench.stop.{algo}").item())
+                    if stop:
+                        break
+            elapsed = time.perf_counter() - start
+            opt.close()
+            with torch.no_grad():
+                if algo == "grawa":
+                    for flat in opt.params.values():
+                        hvd.allreduce_(flat.flat, op=hvd.Average, name="bench.average")
+                acc = float((model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean())
+            rates = hvd.allgather(torch.tensor([steps / elapsed]), name="bench.rates").tolist()
+            accs = hvd.allgather(torch.tensor([acc]), name="bench.accs").tolist()
+            accuracy = accs[opt.global_leader] if algo == "lsgd" and opt.global_leader is not None else accs[0]
+            runs[f"{algo}-{mode}"] = {"steps_per_s": rates, "accuracy": accuracy}
+            if rank == 0:
+                print(f"{algo} {mode}: steps/s per rank {[round(r, 1) for r in rates]}, test accuracy {accuracy:.3f}",
+                      flush=True)
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(runs, indent=2))
+    hvd.shutdown()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=20.0, help="wall-clock seconds per configuration")
+    parser.add_argument("--factor", type=float, default=3.0, help="how many times slower rank 3 is")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--no-markdown", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    worker(args) if args.worker else launch(args)
