@@ -1,0 +1,129 @@
+"""The training command, the report, checkpoints and resume, the launch scripts."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_fixture import allow_fixture, write_cifar10
+from mpi_harness import REPO, mpirun_command
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def train(np, *args, timeout=300, check=True):
+    cmd = mpirun_command(np, [sys.executable, "-m", "horovod_leader.train", "--no-progress", *args])
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=REPO)
+    if check:
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def records(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cifar10_loads_through_torchvision(tmp_path):
+    from horovod_leader.data import cifar10
+
+    write_cifar10(tmp_path)
+    with allow_fixture():
+        train_set, test_set = cifar10(str(tmp_path))
+    assert train_set.tensors[0].shape == (200, 3, 32, 32) and test_set.tensors[0].shape == (40, 3, 32, 32)
+    assert train_set.tensors[1].dtype == torch.int64 and int(train_set.tensors[1].max()) <= 9
+    with pytest.raises(ValueError, match="cifar-10-batches-py"):
+        cifar10(str(tmp_path / "missing"))
+
+
+def test_cifar10_training_path(tmp_path):
+    """Two ranks train ResNet-20 on the fixture through the real CLI and torchvision loader."""
+    write_cifar10(tmp_path / "data")
+    out = tmp_path / "run"
+    code = ("import sys; sys.path.insert(0, %r); from cifar_fixture import allow_fixture\n"
+            "from horovod_leader.train import main\n"
+            "with allow_fixture():\n    sys.exit(main(sys.argv[1:]))" % str(Path(__file__).parent))
+    cmd = mpirun_command(2, [sys.executable, "-c", code, "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                             "--model", "resnet20", "--algo", "lsgd", "--epochs", "2", "--batch-size", "16",
+                             "--out", str(out), "--no-progress"])
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    last = records(out)[-1]
+    assert last["step"] == 2 * (100 // 16) and 0.0 <= last["centre_accuracy"] <= 1.0
+
+
+def test_four_rank_run_and_report(tmp_path):
+    out = tmp_path / "lsgd"
+    train(4, "--algo", "lsgd", "--group-size", "2", "--time-budget", "20", "--batch-size", "32", "--lr", "0.05",
+          "--out", str(out), "--checkpoint-every", "0")
+    config = json.loads((out / "config.json").read_text())
+    assert config["algo"] == "lsgd" and config["world_size"] == 4 and config["groups"] == [[0, 1], [2, 3]]
+    rows = records(out)
+    assert len(rows) >= 5  # evaluations at intervals, plus the final one
+    last = rows[-1]
+    assert last["leader_accuracy"] >= 0.9, last
+    assert last["global_leader"] in range(4) and len(last["losses"]) == 4 and len(last["local_leaders"]) == 4
+    assert all(b > 0 for b in last["comm_bytes"]) and last["centre_accuracy"] > 0.5
+    report = subprocess.run([sys.executable, "-m", "horovod_leader.report", str(out), "--target", "0.9", "--out",
+                             str(tmp_path / "report")], capture_output=True, text=True, env=ENV, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert "| lsgd | lsgd |" in report.stdout and "time to 0.90" in report.stdout
+    for name in ("test_error_vs_time.png", "leader_over_time.png", "communication.png", "report.md"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_resume_continues_bitwise(tmp_path):
+    common = ["--algo", "lsgd", "--group-size", "2", "--batch-size", "32", "--lr", "0.05", "--checkpoint-every", "0",
+              "--eval-every", "1000"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(4, *common, "--epochs", "4", "--out", str(straight))
+    train(4, *common, "--epochs", "2", "--out", str(split))
+    steps_half = json.loads((split / "checkpoints" / "latest.json").read_text())["step"]
+    train(4, *common, "--epochs", "4", "--resume", str(split))
+    assert records(split)[-1]["step"] == records(straight)[-1]["step"] == 2 * steps_half
+    for rank in range(4):
+        a = torch.load(straight / "checkpoints" / f"rank{rank}.pt", weights_only=True)
+        b = torch.load(split / "checkpoints" / f"rank{rank}.pt", weights_only=True)
+        assert a["step"] == b["step"]
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), (rank, key)
+
+
+def test_bad_arguments_fail_fast_on_every_rank(tmp_path):
+    for args, name in [(["--period", "0"], "--period"), (["--group-size", "3"], "group_size"),
+                       (["--local-pull", "1.5"], "--local-pull"), (["--lr", "-1"], "--lr"),
+                       (["--resume", str(tmp_path)], "--resume")]:
+        start = time.time()
+        result = train(4, *args, "--out", str(tmp_path / "x"), check=False, timeout=60)
+        assert result.returncode != 0 and time.time() - start < 30
+        assert name in result.stderr + result.stdout, (args, result.stderr[-2000:])
+
+
+def test_launch_scripts():
+    scripts = sorted((REPO / "launch").glob("*.sh")) + [REPO / "launch" / "slurm.sbatch"] + sorted(
+        (REPO / "examples").glob("*.sh"))
+    for script in scripts:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    env = {**os.environ, "DRY_RUN": "1", "SLURM_NNODES": "3", "SLURM_GPUS_PER_NODE": "gpu:8", "SLURM_JOB_ID": "42"}
+    srun = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "--algo", "lsgd"], env=env,
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert srun[:5] == ["srun", "--mpi=pmix", "--ntasks=24", "--ntasks-per-node=8", "--gpus-per-task=1"]
+    assert srun[-6:] == ["-m", "horovod_leader.train", "--out", "runs/slurm-42", "--algo", "lsgd"]
+    mpirun = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch")], env={**env, "LAUNCHER": "mpirun"},
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert mpirun[:5] == ["mpirun", "-np", "24", "--map-by", "ppr:8:node"]
+    local = subprocess.run(["bash", str(REPO / "launch" / "mpirun.sh"), "64", "train.py"], capture_output=True,
+                           text=True, check=True, env={**os.environ, "DRY_RUN": "1"}).stdout.split()
+    assert local[:3] == ["mpirun", "-np", "64"] and "--oversubscribe" in local
+    assert local[local.index("--bind-to") + 1] == "none"  # no binding when oversubscribed
+    cluster = subprocess.run(["bash", str(REPO / "launch" / "mpirun.sh"), "8", "train.py"], capture_output=True,
+                             text=True, check=True, env={**os.environ, "DRY_RUN": "1", "HOSTS": "a:4,b:4"}).stdout.split()
+    assert "--oversubscribe" not in cluster and cluster[cluster.index("--bind-to") + 1] == "socket"
+    assert cluster[cluster.index("-H") + 1] == "a:4,b:4"
+    assert ("--allow-run-as-root" in local) == (os.geteuid() == 0)
+    hosts = subprocess.run(["bash", str(REPO / "launch" / "horovodrun.sh"), "8", "train.py"], capture_output=True,
+                           text=True, check=True, env={**os.environ, "DRY_RUN": "1", "HOSTS": "a:4,b:4"}).stdout
+    assert "-np 8 -H a:4" in hosts
