@@ -1,15 +1,20 @@
 """Checkpoints of a training run: one file per rank, written atomically, loaded as data.
 
-Layout: ``OUT/checkpoints/rank{r}.pt`` for every rank, then ``OUT/checkpoints/latest.json``
-naming the step, written by rank 0 after every rank has finished its file. Each file is
-written to a temporary name and renamed, so a kill during a write leaves the previous
-checkpoint intact. Files are loaded with ``torch.load(weights_only=True)``: a checkpoint is
-tensors and plain containers, and a crafted file cannot run code.
+Layout: ``OUT/checkpoints/step{S}/rank{r}.pt`` for every rank, then
+``OUT/checkpoints/latest.json`` naming step S, written by rank 0 once every rank's file is
+complete; only then are older step folders removed. Each file is written to a temporary name
+and renamed. So a kill at any moment (during a rank's write, or between two ranks' writes)
+leaves ``latest.json`` pointing at a complete checkpoint: at most the steps since it are lost.
+
+Files are read with ``torch.load(weights_only=True)``: a checkpoint is tensors and plain
+containers, and a crafted file that carries a pickled payload is refused, not run.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -22,14 +27,18 @@ def folder(out) -> Path:
 
 def latest_step(out) -> Optional[int]:
     """The step of the last complete checkpoint in ``out``, or None."""
-    marker = folder(out) / "latest.json"
     try:
-        return int(json.loads(marker.read_text())["step"])
-    except (OSError, ValueError, KeyError):
+        return int(json.loads((folder(out) / "latest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
+def step_folder(out, step: int) -> Path:
+    return folder(out) / f"step{step:09d}"
+
+
 def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename it."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
@@ -38,12 +47,21 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read(path: Path) -> dict:
+    """Load one checkpoint file as data only (``weights_only=True``)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"refusing to load {path}: it holds more than tensors and plain containers "
+                         f"(a pickled object that could run code): {str(error).splitlines()[0]}") from None
+
+
 def save(trainer, seconds: float) -> None:
     """Every rank writes its own state; rank 0 then points latest.json at this step."""
     hvd = trainer.hvd
-    path = folder(trainer.out)
+    target = step_folder(trainer.out, trainer.step)
     if trainer.rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
+        target.mkdir(parents=True, exist_ok=True)
     hvd.allreduce(torch.zeros(1), name="checkpoint.mkdir")  # the folder exists before anyone writes
     state = {
         "step": trainer.step,
@@ -53,25 +71,25 @@ def save(trainer, seconds: float) -> None:
         "torch_rng": torch.get_rng_state(),
         "losses": trainer.losses[-100:],
     }
-    atomic_save(state, path / f"rank{trainer.rank}.pt")
+    atomic_save(state, target / f"rank{trainer.rank}.pt")
     hvd.allreduce(torch.zeros(1), name="checkpoint.written")  # every rank's file is complete
     if trainer.rank == 0:
-        marker = path / "latest.json"
+        marker = folder(trainer.out) / "latest.json"
         tmp = marker.with_name(".latest.json.tmp")
         tmp.write_text(json.dumps({"step": trainer.step, "world_size": trainer.size, "elapsed": seconds}))
         os.replace(tmp, marker)
+        for old in folder(trainer.out).glob("step*"):
+            if old != target and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def load(trainer) -> None:
-    """Restore a trainer from ``trainer.out``'s last checkpoint (same world size)."""
+    """Restore a trainer from ``trainer.out``'s last complete checkpoint (same world size)."""
     marker = json.loads((folder(trainer.out) / "latest.json").read_text())
     if marker["world_size"] != trainer.size:
         raise ValueError(f"--resume: the checkpoint was written by {marker['world_size']} ranks, "
                          f"this job has {trainer.size}")
-    state = torch.load(folder(trainer.out) / f"rank{trainer.rank}.pt", weights_only=True)
-    if state["step"] != marker["step"]:
-        raise ValueError(f"--resume: rank {trainer.rank}'s checkpoint is at step {state['step']}, "
-                         f"latest.json says {marker['step']}")
+    state = read(step_folder(trainer.out, marker["step"]) / f"rank{trainer.rank}.pt")
     trainer.model.load_state_dict(state["model"])
     trainer.opt.load_state_dict(state["wrapper"])
     torch.set_rng_state(state["torch_rng"])

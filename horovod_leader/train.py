@@ -26,12 +26,20 @@ ALGOS = ("lsgd", "mgrawa", "lgrawa", "easgd", "localsgd", "dp")
 ASYNC_ALGOS = ("lsgd", "mgrawa", "lgrawa", "easgd")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Parse errors raise instead of exiting, so that they go through the same all-rank
+    agreement as the other checks: a rank must not leave while the others wait for it."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from horovod_leader.data import DATASETS
     from horovod_leader.models import MODELS
 
-    p = argparse.ArgumentParser(prog="horovod-leader-train", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="horovod-leader-train", description=__doc__.splitlines()[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("algorithm and data")
     g.add_argument("--algo", default="lsgd", choices=ALGOS)
     g.add_argument("--async", dest="asynchronous", action="store_true",
@@ -364,14 +372,31 @@ class Trainer:
         return None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def parse_and_validate(argv: Optional[List[str]]):
+    """(args, None) or (None, error message); never exits and never communicates."""
     try:
+        args = build_parser().parse_args(argv)
         validate(args)
+        return args, None
     except ValueError as error:
-        from mpi4py import MPI
-        if MPI.COMM_WORLD.Get_rank() == 0:
-            print(f"horovod-leader-train: error: {error}", file=sys.stderr, flush=True)
+        return None, str(error)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from mpi4py import MPI
+
+    args, error = parse_and_validate(argv)
+    # Every rank checked its own arguments without communicating; one small all-gather (which
+    # every rank reaches, whatever its arguments) lets all of them stop together when any
+    # rank's arguments are bad: no rank is left waiting in a collective.
+    world = MPI.COMM_WORLD
+    errors = world.allgather(error)
+    if any(errors):
+        if world.Get_rank() == 0:
+            bad = sorted({e for e in errors if e})
+            ranks = [r for r, e in enumerate(errors) if e]
+            for message in bad:
+                print(f"horovod-leader-train: error (ranks {ranks}): {message}", file=sys.stderr, flush=True)
         return 2
     import horovod_leader as hl
 

@@ -23,6 +23,12 @@ def train(np, *args, timeout=300, check=True):
     return result
 
 
+def final_state(out, rank):
+    from horovod_leader import checkpoint
+
+    return checkpoint.read(checkpoint.step_folder(out, checkpoint.latest_step(out)) / f"rank{rank}.pt")
+
+
 def records(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -85,21 +91,11 @@ def test_resume_continues_bitwise(tmp_path):
     train(4, *common, "--epochs", "4", "--resume", str(split))
     assert records(split)[-1]["step"] == records(straight)[-1]["step"] == 2 * steps_half
     for rank in range(4):
-        a = torch.load(straight / "checkpoints" / f"rank{rank}.pt", weights_only=True)
-        b = torch.load(split / "checkpoints" / f"rank{rank}.pt", weights_only=True)
+        a = final_state(straight, rank)
+        b = final_state(split, rank)
         assert a["step"] == b["step"]
         for key in a["model"]:
             assert torch.equal(a["model"][key], b["model"][key]), (rank, key)
-
-
-def test_bad_arguments_fail_fast_on_every_rank(tmp_path):
-    for args, name in [(["--period", "0"], "--period"), (["--group-size", "3"], "group_size"),
-                       (["--local-pull", "1.5"], "--local-pull"), (["--lr", "-1"], "--lr"),
-                       (["--resume", str(tmp_path)], "--resume")]:
-        start = time.time()
-        result = train(4, *args, "--out", str(tmp_path / "x"), check=False, timeout=60)
-        assert result.returncode != 0 and time.time() - start < 30
-        assert name in result.stderr + result.stdout, (args, result.stderr[-2000:])
 
 
 def test_launch_scripts():
