@@ -12,8 +12,6 @@ ranks' steps per second in each mode, their ratio, and the test accuracy at the 
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,16 +24,13 @@ def launch(args) -> None:
     """Run this file under mpirun (4 ranks) in worker mode, then write tables and plots."""
     from report_tables import machine_description, markdown_table, today, update_section
 
+    from mpi_launch import relaunch
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     raw = out / "straggler_raw.json"
-    cmd = ["mpirun", "-np", "4", "--oversubscribe", "--bind-to", "none", "-x", "OMP_NUM_THREADS=1"]
-    if os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    cmd += [sys.executable, "-u", __file__, "--worker", "--budget", str(args.budget), "--factor", str(args.factor),
-            "--out", str(raw)]
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    subprocess.run(cmd, check=True, env=env, timeout=60 + 8 * args.budget)
+    relaunch(__file__, ["--budget", str(args.budget), "--factor", str(args.factor), "--out", str(raw)],
+             timeout=60 + 8 * args.budget)
     runs = json.loads(raw.read_text())
     rows, summary = [], {}
     for algo in ("lsgd", "grawa"):
