@@ -101,7 +101,6 @@ def main():
         print(f"{n:>10,d}  fused {t_fused * 1e3:8.2f} ms {row['fused_GBps']:6.1f} GB/s | unfused {t_unfused * 1e3:8.2f} ms "
               f"{row['unfused_GBps']:6.1f} GB/s | copy {row['copy_GBps']:6.1f} GB/s | speed-up {row['speedup']:.2f}x | "
               f"{100 * row['fraction_of_copy']:.0f}% of copy", flush=True)
-        del x, g, m, L, G, d, src, dst
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,6 @@
 """Reliability: faults in real multi-rank jobs, atomic checkpoints, data-only loading, determinism."""
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -109,7 +108,6 @@ def rank_pid(mpirun_pid: int, rank: int) -> int:
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")
-            status = (entry / "status").read_text()
         except OSError:
             continue
         if f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ and "horovod_leader.train" in \

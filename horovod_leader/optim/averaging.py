@@ -45,17 +45,27 @@ def post_weighted_sum(comm: Collectives, flats: Dict, out: Dict, weights: Option
     return handles
 
 
-def post_healthy_count(comm: Collectives, healthy: bool, out: torch.Tensor) -> List:
-    """Post the count of workers whose parameters are finite (one number) into ``out``."""
-    out.fill_(1.0 if healthy else 0.0)
-    return [comm.allreduce_async_(out, name="healthy")]
+class MeanRound:
+    """The mean over the healthy workers of the parameters and floating buffers (LocalSGD,
+    EASGD): one all-reduce of a count of healthy workers and one of the sums, posted together."""
 
+    def __init__(self):
+        self.count = torch.zeros(1, dtype=torch.float64)
+        self.params: Dict = {}
+        self.buffers: Dict = {}
 
-def divide_(sums: Dict, count: float) -> Dict:
-    """Turn sums over the healthy workers into their mean."""
-    for buf in sums.values():
-        buf.mul_(1.0 / max(count, 1.0))
-    return sums
+    def post(self, comm: Collectives, params: Dict, buffers: Dict, healthy: bool) -> List:
+        self.count.fill_(1.0 if healthy else 0.0)
+        handles = [comm.allreduce_async_(self.count, name="healthy")]
+        handles += post_weighted_sum(comm, params, self.params, None, healthy, "sum")
+        handles += post_weighted_sum(comm, buffers, self.buffers, None, healthy, "buffers")
+        return handles
+
+    def finish(self) -> None:
+        """Once the posted all-reduces are done: turn the sums into means, in place."""
+        scale = 1.0 / max(float(self.count), 1.0)
+        for buf in list(self.params.values()) + list(self.buffers.values()):
+            buf.mul_(scale)
 
 
 def pull_toward_(flat: FlatBuffer, centre: torch.Tensor, pull: float) -> None:

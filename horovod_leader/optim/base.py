@@ -135,6 +135,14 @@ class DistributedWrapper:
         """The wrapped optimizer's param groups (so LR schedulers can be pointed at either)."""
         return self.optimizer.param_groups
 
+    def _begin_step(self, loss):
+        """What every ``step`` starts with: check the loss and the packing, count the step."""
+        if loss is not None:
+            loss = scalar_loss(loss)
+        self._check_packed()
+        self._steps += 1
+        return loss
+
     # ------------------------------------------------------------------ refresh rounds
     def _setup_rounds(self, asynchronous: bool, steps_per_round: int) -> None:
         """Synchronous rounds run at once; asynchronous ones are scheduled on the global step

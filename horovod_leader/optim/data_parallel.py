@@ -5,7 +5,7 @@ from typing import Any, Dict
 
 import torch
 
-from horovod_leader.optim.base import DistributedWrapper, scalar_loss
+from horovod_leader.optim.base import DistributedWrapper
 
 
 class DataParallel(DistributedWrapper):
@@ -34,9 +34,7 @@ class DataParallel(DistributedWrapper):
                                if p.requires_grad)
 
     def step(self, loss=None) -> None:
-        if loss is not None:
-            scalar_loss(loss)
-        self._steps += 1
+        self._begin_step(loss)
         self.optimizer.step()  # waits for the gradient all-reduces, then steps
         self.comm.bytes += self._grad_bytes
 

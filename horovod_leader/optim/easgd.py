@@ -5,9 +5,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from horovod_leader.optim.averaging import (divide_, post_healthy_count, post_weighted_sum, pull_toward_,
-                                            replace_all_)
-from horovod_leader.optim.base import DistributedWrapper, scalar_loss
+from horovod_leader.optim.averaging import MeanRound, post_weighted_sum, pull_toward_, replace_all_
+from horovod_leader.optim.base import DistributedWrapper
 from horovod_leader.validation import check_bool, check_int, check_real
 
 
@@ -46,9 +45,7 @@ class EASGD(DistributedWrapper):
         check_bool("asynchronous", asynchronous)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
         self.alpha = self.beta / self.size if alpha is None else float(alpha)
-        self._sum: Dict[Any, torch.Tensor] = {}
-        self._buffer_sum: Dict[Any, torch.Tensor] = {}
-        self._count = torch.zeros(1, dtype=torch.float64)
+        self._mean = MeanRound()
         self.centre: Dict[Any, torch.Tensor] = {}
         for handle in post_weighted_sum(self.comm, self.params, self.centre, torch.tensor([1.0 / self.size]), True,
                                         "init"):
@@ -56,10 +53,7 @@ class EASGD(DistributedWrapper):
         self._setup_rounds(asynchronous, self.period)
 
     def step(self, loss=None) -> None:
-        if loss is not None:
-            scalar_loss(loss)
-        self._check_packed()
-        self._steps += 1
+        self._begin_step(loss)
         self.optimizer.step()
         if self.asynchronous:
             self._schedule.after_step(self._round, self._steps)
@@ -68,12 +62,9 @@ class EASGD(DistributedWrapper):
 
     def _round(self, number: int):
         healthy = self._params_finite()
-        handles = post_healthy_count(self.comm, healthy, self._count)
-        handles += post_weighted_sum(self.comm, self.params, self._sum, None, healthy, "sum")
-        handles += post_weighted_sum(self.comm, self.float_buffers, self._buffer_sum, None, healthy, "buffers")
-        yield handles
-        count = float(self._count)
-        mean = divide_(self._sum, count)
+        yield self._mean.post(self.comm, self.params, self.float_buffers, healthy)
+        self._mean.finish()
+        mean = self._mean.params
         with torch.no_grad():
             for key, flat in self.params.items():
                 centre = self.centre[key]
@@ -82,7 +73,7 @@ class EASGD(DistributedWrapper):
                 centre.mul_(1.0 - self.beta).add_(mean[key], alpha=self.beta)
                 if not healthy:
                     flat.flat.copy_(centre)
-        replace_all_(self.float_buffers, divide_(self._buffer_sum, count))
+        replace_all_(self.float_buffers, self._mean.buffers)
         if not healthy:
             self._log_recovery("the EASGD centre")
 

@@ -7,7 +7,7 @@ import torch
 
 from horovod_leader import grawa_weights
 from horovod_leader.optim.averaging import post_weighted_sum, pull_toward_, replace_all_
-from horovod_leader.optim.base import DistributedWrapper, scalar_loss
+from horovod_leader.optim.base import DistributedWrapper
 from horovod_leader.validation import check_bool, check_fraction, check_int, check_real
 
 
@@ -69,10 +69,7 @@ class GRAWA(DistributedWrapper):
 
     def step(self, loss=None) -> None:
         """One step of the wrapped optimizer; then an averaging round when one is due."""
-        if loss is not None:
-            scalar_loss(loss)
-        self._check_packed()
-        self._steps += 1
+        self._begin_step(loss)
         due = self._steps % self.period == 0
         if due or self.asynchronous:  # asynchronous rounds may start at any step
             self._norms = grawa_weights.grad_norms(self._tensors, self.layerwise)

@@ -5,8 +5,8 @@ from typing import Any, Dict
 
 import torch
 
-from horovod_leader.optim.averaging import divide_, post_healthy_count, post_weighted_sum, replace_all_
-from horovod_leader.optim.base import DistributedWrapper, scalar_loss
+from horovod_leader.optim.averaging import MeanRound, replace_all_
+from horovod_leader.optim.base import DistributedWrapper
 from horovod_leader.validation import check_int
 
 
@@ -25,29 +25,21 @@ class LocalSGD(DistributedWrapper):
                  broadcast_buffers: bool = True, topology=None):
         self.period = check_int("period", period)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
-        self._sum: Dict[Any, torch.Tensor] = {}
-        self._buffer_sum: Dict[Any, torch.Tensor] = {}
-        self._count = torch.zeros(1, dtype=torch.float64)
+        self._mean = MeanRound()
         self._setup_rounds(False, self.period)
 
     def step(self, loss=None) -> None:
-        if loss is not None:
-            scalar_loss(loss)
-        self._check_packed()
-        self._steps += 1
+        self._begin_step(loss)
         self.optimizer.step()
         if self._steps % self.period == 0:
             self._run_round(self._steps // self.period)
 
     def _round(self, number: int):
         healthy = self._params_finite()
-        handles = post_healthy_count(self.comm, healthy, self._count)
-        handles += post_weighted_sum(self.comm, self.params, self._sum, None, healthy, "sum")
-        handles += post_weighted_sum(self.comm, self.float_buffers, self._buffer_sum, None, healthy, "buffers")
-        yield handles
-        count = float(self._count)
-        replace_all_(self.params, divide_(self._sum, count))
-        replace_all_(self.float_buffers, divide_(self._buffer_sum, count))
+        yield self._mean.post(self.comm, self.params, self.float_buffers, healthy)
+        self._mean.finish()
+        replace_all_(self.params, self._mean.params)
+        replace_all_(self.float_buffers, self._mean.buffers)
         if not healthy:
             self._log_recovery("the average of the healthy workers")
 

@@ -15,7 +15,7 @@ import torch
 from horovod_leader import fused
 from horovod_leader.election import ScoreWindow, elect_all
 from horovod_leader.flat import FlatBuffer, key_name
-from horovod_leader.optim.base import DistributedWrapper, scalar_loss
+from horovod_leader.optim.base import DistributedWrapper
 from horovod_leader.validation import check_bool, check_fraction, check_int, check_multiple
 
 
@@ -131,9 +131,9 @@ class LSGD(DistributedWrapper):
     # ------------------------------------------------------------------ the step
     def step(self, loss) -> None:
         """One LSGD step: record ``loss``, refresh the leaders if due, apply the update."""
-        loss = scalar_loss(loss)
-        self._check_packed()
-        self._steps += 1
+        if loss is None:
+            raise ValueError("LSGD.step needs this rank's loss: the leader is elected by it")
+        loss = self._begin_step(loss)
         k = self._steps
         self.scores.record(loss)
         if self.asynchronous:

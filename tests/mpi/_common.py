@@ -26,5 +26,48 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def close_enough(a, b, tol=1e-6) -> bool:
-    return all(abs(float(x) - float(y)) <= tol for x, y in zip(a, b)) and len(a) == len(b)
+
+def train_steps(model, opt, dataset, rank: int, steps: int, batch_size: int = 32, on_step=None) -> None:
+    """Train for ``steps`` steps over this rank's shuffled shard; ``on_step(step)`` after each."""
+    import torch
+    from torch import nn
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(rank))
+    step = 0
+    while step < steps:
+        for x, y in loader:
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(loss)
+            step += 1
+            if on_step is not None:
+                on_step(step)
+            if step == steps:
+                return
+
+
+def test_accuracy(model, test) -> float:
+    import torch
+
+    with torch.no_grad():
+        x, y = test.tensors
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def evaluated_accuracy(name: str, opt, model, test) -> float:
+    """What the papers report: LSGD's global leader, EASGD's centre, else the workers' average."""
+    import torch
+
+    if name == "lsgd":
+        accs = hvd.allgather(torch.tensor([test_accuracy(model, test)]), name=f"test.acc.{name}").tolist()
+        return accs[opt.global_leader]
+    with torch.no_grad():
+        if name == "easgd":
+            for flat, centre in zip(opt.params.values(), opt.centre.values()):
+                flat.flat.copy_(centre)
+        else:
+            for flat in opt.params.values():
+                hvd.allreduce_(flat.flat, op=hvd.Average, name=f"test.avg.{name}")
+    return test_accuracy(model, test)

@@ -14,7 +14,7 @@ from torch import nn
 import horovod_leader as hl
 from horovod_leader.data import digits, shard
 from horovod_leader.models import DigitsCNN
-from _common import check, value
+from _common import check, evaluated_accuracy, train_steps, value
 
 topo = hl.init(group_size=4)
 rank, size = topo.rank, topo.size
@@ -94,33 +94,9 @@ for name, make in [
         model = DigitsCNN()
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         opt = make(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
-        loader = torch.utils.data.DataLoader(mine, batch_size=32, shuffle=True,
-                                             generator=torch.Generator().manual_seed(rank))
-        steps = 0
-        while steps < 320:
-            for x, y in loader:
-                loss = nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step(loss)
-                pause(0.002)
-                steps += 1
-                if steps == 320:
-                    break
+        train_steps(model, opt, mine, rank, 320, on_step=lambda step: pause(0.002))
         opt.close()
-        if name == "lsgd":
-            with torch.no_grad():
-                acc = float((model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean())
-            accuracy = hvd.allgather(torch.tensor([acc]), name=f"test.acc.{name}").tolist()[opt.global_leader]
-        else:
-            centre = opt.centre.values() if name == "easgd" else None
-            for i, flat in enumerate(opt.params.values()):
-                if centre is not None:
-                    flat.flat.copy_(list(centre)[i])
-                else:
-                    hvd.allreduce_(flat.flat, op=hvd.Average, name=f"test.avg.{name}")
-            with torch.no_grad():
-                accuracy = float((model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean())
+        accuracy = evaluated_accuracy(name, opt, model, test)
         value(f"async_accuracy_{name}", f"{accuracy:.4f}")
         assert accuracy >= 0.90, (name, accuracy)
 

@@ -1,6 +1,5 @@
 """Two seeded runs of each synchronous algorithm give bitwise-equal parameters (CPU, 4 ranks)."""
 import sys
-import tempfile
 from pathlib import Path
 
 import horovod.torch as hvd

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import horovod_leader as hl
-from _common import check, close_enough
+from _common import check
 
 topo = hl.init(group_size=2)
 rank, size = topo.rank, topo.size

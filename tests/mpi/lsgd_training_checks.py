@@ -6,7 +6,7 @@ from torch import nn
 import horovod_leader as hl
 from horovod_leader.data import digits, shard
 from horovod_leader.models import DigitsCNN
-from _common import check, value
+from _common import check, test_accuracy, train_steps, value
 
 topo = hl.init(group_size=4)
 rank = topo.rank
@@ -58,22 +58,8 @@ with check("digits_convergence"):
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     opt = hl.LSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, period=4, global_period=16,
                   local_pull=0.1, global_pull=0.1)
-    loader = torch.utils.data.DataLoader(mine, batch_size=32, shuffle=True,
-                                         generator=torch.Generator().manual_seed(rank))
-    steps = 0
-    while steps < 320:
-        for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step(loss)
-            steps += 1
-            if steps == 320:
-                break
-    with torch.no_grad():
-        x, y = test.tensors
-        accuracy = (model(x).argmax(1) == y).float().mean()
-    accuracies = hvd.allgather(accuracy[None], name="test.acc").tolist()
+    train_steps(model, opt, mine, rank, 320)
+    accuracies = hvd.allgather(torch.tensor([test_accuracy(model, test)]), name="test.acc").tolist()
     leader = opt.global_leader
     value("digits_leader_accuracy", f"{accuracies[leader]:.4f} leader={leader} all={accuracies}")
     assert accuracies[leader] >= 0.95, accuracies

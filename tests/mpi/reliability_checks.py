@@ -8,7 +8,7 @@ from torch import nn
 import horovod_leader as hl
 from horovod_leader.data import digits, shard
 from horovod_leader.models import DigitsCNN
-from _common import check, value
+from _common import check, evaluated_accuracy, train_steps, value
 
 topo = hl.init(group_size=2)
 rank, size = topo.rank, topo.size
@@ -40,39 +40,23 @@ for name, make in methods.items():
         model = DigitsCNN()
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         opt = make(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
-        loader = torch.utils.data.DataLoader(mine, batch_size=32, shuffle=True,
-                                             generator=torch.Generator().manual_seed(rank))
-        steps, leaders_after_fault = 0, set()
-        while steps < 320:
-            for x, y in loader:
-                loss = nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step(loss)
-                steps += 1
-                if steps == 100 and rank == 1:
-                    with torch.no_grad():  # the fault: this worker's parameters blow up
-                        for p in model.parameters():
-                            p.fill_(float("nan"))
-                if name == "lsgd" and 100 <= steps < 104:
-                    leaders_after_fault.add(opt.local_leader)
-                if steps == 320:
-                    break
+        leaders_after_fault = set()
+
+        def fault(step):
+            if step == 100 and rank == 1:
+                with torch.no_grad():  # the fault: this worker's parameters blow up
+                    for p in model.parameters():
+                        p.fill_(float("nan"))
+            if name == "lsgd" and 100 <= step < 104:
+                leaders_after_fault.add(opt.local_leader)
+
+        train_steps(model, opt, mine, rank, 320, on_step=fault)
         assert all(torch.isfinite(p).all() for p in model.parameters())
         if rank == 1:
             assert opt.recoveries == 1, opt.recoveries
         if name == "lsgd":
             assert 1 not in leaders_after_fault  # the diverged worker never led
-        with torch.no_grad():
-            if name == "easgd":
-                for flat, centre in zip(opt.params.values(), opt.centre.values()):
-                    flat.flat.copy_(centre)
-            elif name != "lsgd":
-                for flat in opt.params.values():
-                    hvd.allreduce_(flat.flat, op=hvd.Average, name=f"test.avg.{name}")
-            acc = float((model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean())
-        accs = hvd.allgather(torch.tensor([acc]), name=f"test.acc.{name}").tolist()
-        accuracy = accs[opt.global_leader] if name == "lsgd" else accs[0]
+        accuracy = evaluated_accuracy(name, opt, model, test)
         value(f"nan_recovery_accuracy_{name}", f"{accuracy:.4f}")
         assert accuracy >= 0.90, (name, accuracy)
 
