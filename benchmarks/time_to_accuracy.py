@@ -92,7 +92,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "time_to_accuracy.json").write_text(json.dumps(
         {"benchmark": "time_to_accuracy", "machine": machine, "date": today(), "command": command,
-         "settings": vars(args), "results": results}, indent=2))
+         "settings": {**vars(args), "out": os.path.relpath(out, REPO)}, "results": results}, indent=2))
     plot(results, out / "time_to_accuracy.png", args)
     if not args.no_markdown:
         update_section("time_to_accuracy", f"Machine: {machine}. Date: {today()}. 4 ranks (2 groups of 2), "
