@@ -93,6 +93,7 @@ class RefreshDriver:
         self._hvd = hvd
         self._gen: Optional[RefreshGenerator] = None
         self._handles: tuple = ()
+        self.result = None  # what the last finished refresh generator returned
 
     @property
     def busy(self) -> bool:
@@ -116,8 +117,8 @@ class RefreshDriver:
     def _resume(self, results) -> None:
         try:
             self._handles = tuple(self._gen.send(results))
-        except StopIteration:
-            self._gen, self._handles = None, ()
+        except StopIteration as finished:
+            self._gen, self._handles, self.result = None, (), finished.value
 
 
 class AsyncSchedule:

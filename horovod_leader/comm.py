@@ -48,31 +48,13 @@ class Collectives:
     def global_process_set(self):
         return self._hvd.global_process_set
 
-    def allgather(self, tensor: torch.Tensor, name: str, process_set: Optional[Any] = None) -> torch.Tensor:
-        """Concatenate every rank's ``tensor`` along dim 0."""
-        self.bytes += payload_bytes(tensor)
-        return self._hvd.allgather(tensor, name=self._tag(name),
-                                   process_set=process_set or self._hvd.global_process_set)
-
-    def broadcast_(self, tensor: torch.Tensor, root_rank: int, name: str, process_set: Optional[Any] = None) -> torch.Tensor:
-        """In-place broadcast from ``root_rank`` (a *global* rank, as Horovod requires)."""
-        self.bytes += payload_bytes(tensor)
-        return self._hvd.broadcast_(tensor, root_rank=root_rank, name=self._tag(name),
-                                    process_set=process_set or self._hvd.global_process_set)
-
-    def allreduce_(self, tensor: torch.Tensor, name: str, average: bool = False, process_set: Optional[Any] = None) -> torch.Tensor:
-        """In-place sum (or average) over the ranks of ``process_set``."""
-        self.bytes += payload_bytes(tensor)
-        op = self._hvd.Average if average else self._hvd.Sum
-        return self._hvd.allreduce_(tensor, op=op, name=self._tag(name),
-                                    process_set=process_set or self._hvd.global_process_set)
-
     def allgather_object(self, obj: Any, name: str) -> list:
         """Gather a small picklable object from every rank (used for signatures and checks)."""
         return self._hvd.allgather_object(obj, name=self._tag(name))
 
-    # Non-blocking versions, for the asynchronous wrappers: each returns a Horovod handle;
-    # ``wait(handle)`` returns the result (at once when ``hvd.poll(handle)`` is true).
+    # The collectives are posted non-blocking and return a Horovod handle; ``wait(handle)``
+    # returns the result (at once when ``hvd.poll(handle)`` is true). Synchronous wrappers
+    # wait at once, asynchronous ones poll (see ``async_schedule.RefreshDriver``).
     def allgather_async(self, tensor: torch.Tensor, name: str, process_set: Optional[Any] = None):
         self.bytes += payload_bytes(tensor)
         return self._hvd.allgather_async(tensor, name=self._tag(name),

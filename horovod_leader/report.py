@@ -70,52 +70,41 @@ def plots(runs: List[Dict], out: Path) -> List[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
+
+    def finish(fig, ax, name: str, ylabel: str, title: str, legend: bool = True) -> None:
+        ax.set_xlabel("wall-clock time (s)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if legend:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
-        pts = [(r["wall_time"], 1.0 - accuracy_of(r)) for r in run["records"] if accuracy_of(r) is not None]
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", label=f"{run['name']} ({run['label']})")
-    ax.set_xlabel("wall-clock time (s)")
-    ax.set_ylabel("test error (%)")
-    ax.set_title("Test error against time (LSGD: leader; others: centre)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "test_error_vs_time.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        pts = [(r["wall_time"], accuracy_of(r)) for r in run["records"] if accuracy_of(r) is not None]
+        ax.plot([t for t, _ in pts], [100 * (1.0 - a) for _, a in pts], marker=".",
+                label=f"{run['name']} ({run['label']})")
+    finish(fig, ax, "test_error_vs_time.png", "test error (%)", "Test error against time (LSGD: leader; others: centre)")
 
     with_leaders = [r for r in runs if any(rec.get("global_leader") is not None for rec in r["records"])]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for run in with_leaders:
         pts = [(r["wall_time"], r["global_leader"]) for r in run["records"] if r.get("global_leader") is not None]
-        ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", marker="o", label=run["name"])
-    ax.set_xlabel("wall-clock time (s)")
-    ax.set_ylabel("global leader (rank)")
+        ax.step([t for t, _ in pts], [leader for _, leader in pts], where="post", marker="o", label=run["name"])
     sizes = [r["config"].get("world_size") for r in with_leaders if r["config"].get("world_size")]
     if sizes:
         ax.set_yticks(range(max(sizes)))
-    ax.set_title("Who leads")
-    ax.grid(True, alpha=0.3)
-    if with_leaders:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "leader_over_time.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    finish(fig, ax, "leader_over_time.png", "global leader (rank)", "Who leads", legend=bool(with_leaders))
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for run in runs:
         ax.plot([r["wall_time"] for r in run["records"]], [bytes_of(r) / 1e6 for r in run["records"]], marker=".",
                 label=f"{run['name']} ({run['label']})")
-    ax.set_xlabel("wall-clock time (s)")
-    ax.set_ylabel("MB communicated per worker")
-    ax.set_title("Communication volume")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "communication.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    finish(fig, ax, "communication.png", "MB communicated per worker", "Communication volume")
     return paths
 
 

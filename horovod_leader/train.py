@@ -226,18 +226,21 @@ class Trainer:
         """The workers' average (EASGD: its centre), batch-norm statistics re-estimated."""
         import copy
 
+        from horovod_leader.flat import key_name
+
         torch = self.torch
         centre = copy.deepcopy(self.model)
         copies = list(centre.parameters())
         index = {id(p): i for i, p in enumerate(self.model.parameters())}
         with torch.no_grad():
-            if self.args.algo == "easgd":
-                for key, flat in self.opt.params.items():
-                    for tensor, view in zip(flat.tensors, flat.views(self.opt.centre[key])):
-                        copies[index[id(tensor)]].copy_(view)
-            else:
-                for own in copies:
-                    self.hvd.allreduce_(own.data, op=self.hvd.Average, name="train.centre")
+            for key, flat in self.opt.params.items():  # one collective per packed buffer
+                if self.args.algo == "easgd":
+                    average = self.opt.centre[key]
+                else:
+                    average = flat.flat.clone()
+                    self.hvd.allreduce_(average, op=self.hvd.Average, name=f"train.centre.{key_name(key)}")
+                for tensor, view in zip(flat.tensors, flat.views(average)):
+                    copies[index[id(tensor)]].copy_(view)
             norms = [m for m in centre.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
             if norms:  # re-estimate on up to 20 training batches, as a cumulative average
                 for m in norms:

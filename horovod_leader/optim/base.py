@@ -66,6 +66,8 @@ class DistributedWrapper:
         self._steps = 0
         self._closed = False
         self.recoveries = 0  # how many times this worker was reset after diverging
+        self.asynchronous = False
+        self._schedule = None  # an AsyncSchedule in asynchronous mode (see _setup_rounds)
         # Everything above is local; from here on ranks communicate.
         self.comm = Collectives(self.name)
         self._check_same_model()
@@ -165,7 +167,7 @@ class DistributedWrapper:
     @property
     def rounds_history(self):
         """Asynchronous mode: (round, global step total, this rank's steps) when it started each round."""
-        return list(self._schedule.history) if getattr(self, "_schedule", None) else []
+        return list(self._schedule.history) if self._schedule is not None else []
 
     def close(self) -> None:
         """Leave the collective schedule: returns on every rank once every rank has closed.
@@ -178,7 +180,7 @@ class DistributedWrapper:
         if self._closed:
             return
         self._closed = True
-        if getattr(self, "_schedule", None) is not None:
+        if self._schedule is not None:
             self._schedule.close(self._round, self._steps)
         import horovod.torch as hvd
         hvd.join()

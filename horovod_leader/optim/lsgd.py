@@ -163,32 +163,10 @@ class LSGD(DistributedWrapper):
         self._schedule.after_step(self._round, self._steps)
 
     def _round(self, number: int):
-        """Asynchronous refresh round ``number``: gather scores, elect, receive, pull."""
-        unit = self.size * (self.period if self._multi else self.global_period)
-        local = self._multi
-        global_ = (number * unit) % (self.size * self.global_period) == 0
-        topo = self.topology
-        score = self.scores.score()
-        healthy = math.isfinite(score) and self._params_finite()
-        mine = torch.tensor([score if healthy else math.inf], dtype=torch.float64)
-        (gathered,) = yield [self.comm.allgather_async(mine, name="async.scores")]
-        scores = gathered.tolist()
-        self.last_scores = scores
-        group_leaders, global_leader = elect_all(scores, topo.groups)
-        handles, levels = [], []
-        if local and group_leaders[topo.group] is not None:
-            self._local_leader = group_leaders[topo.group]
-            handles += self._post_receive("local", self._local_leader, topo.process_set)
-            levels.append("local")
-        if global_ and global_leader is not None:
-            self._global_leader = global_leader
-            handles += self._post_receive("global", global_leader, self.comm.global_process_set)
-            levels.append("global")
-        yield handles
-        for level in levels:
-            self._copies[level], self._incoming[level] = self._incoming[level], self._copies[level]
-        got_local, got_global = "local" in levels, "global" in levels
-        if not healthy and levels:
+        """Asynchronous refresh round ``number``: gather scores, elect, receive, then pull."""
+        global_ = (number * self._schedule.unit) % (self.size * self.global_period) == 0
+        got_local, got_global, healthy = yield from self._elect_and_receive(self._multi, global_)
+        if not healthy and (got_local or got_global):
             self._recover("global" if got_global else "local")
             return
         a = self.local_pull if got_local else 0.0
@@ -206,27 +184,37 @@ class LSGD(DistributedWrapper):
 
     # ------------------------------------------------------------------ refresh: elect + exchange
     def _refresh(self, local: bool, global_: bool):
-        """Elect leaders from everyone's score and receive their parameters.
+        """Synchronous refresh: elect and receive before this step's update.
 
         Returns (received_local, received_global, this_rank_healthy).
         """
+        self._driver.start(self._elect_and_receive(local, global_), block=True)
+        return self._driver.result
+
+    def _elect_and_receive(self, local: bool, global_: bool):
+        """Gather everyone's score, elect the leaders, receive their parameters (a generator of
+        posted collectives, see ``async_schedule``); returns (got_local, got_global, healthy)."""
         topo = self.topology
         score = self.scores.score()
         healthy = math.isfinite(score) and self._params_finite()
         mine = torch.tensor([score if healthy else math.inf], dtype=torch.float64)
-        scores = self.comm.allgather(mine, name="scores").tolist()
+        (gathered,) = yield [self.comm.allgather_async(mine, name="scores")]
+        scores = gathered.tolist()
         self.last_scores = scores
         group_leaders, global_leader = elect_all(scores, topo.groups)
-        got_local = got_global = False
+        handles, levels = [], []
         if local and group_leaders[topo.group] is not None:
             self._local_leader = group_leaders[topo.group]
-            self._receive("local", self._local_leader, topo.process_set)
-            got_local = True
+            handles += self._post_receive("local", self._local_leader, topo.process_set)
+            levels.append("local")
         if global_ and global_leader is not None:
             self._global_leader = global_leader
-            self._receive("global", global_leader, self.comm.global_process_set)
-            got_global = True
-        return got_local, got_global, healthy
+            handles += self._post_receive("global", global_leader, self.comm.global_process_set)
+            levels.append("global")
+        yield handles
+        for level in levels:  # the copies in flight become the current ones
+            self._copies[level], self._incoming[level] = self._incoming[level], self._copies[level]
+        return "local" in levels, "global" in levels, healthy
 
     def _exchanged(self) -> Dict[str, FlatBuffer]:
         """Every packed buffer that travels with the leader, by a rank-independent name."""
@@ -234,11 +222,6 @@ class LSGD(DistributedWrapper):
         out.update({"fbuf." + key_name(k): f for k, f in self.float_buffers.items()})
         out.update({"obuf." + key_name(k): f for k, f in self.other_buffers.items()})
         return out
-
-    def _receive(self, level: str, leader: int, process_set) -> None:
-        for handle in self._post_receive(level, leader, process_set):
-            self.comm.wait(handle)
-        self._copies[level], self._incoming[level] = self._incoming[level], self._copies[level]
 
     def _post_receive(self, level: str, leader: int, process_set) -> list:
         """Post the leader's broadcast of every exchanged buffer into the incoming buffers."""
