@@ -30,13 +30,14 @@ def theoretical_bytes_per_step(options: List[str], payload: int, tensors: int) -
     if algo == "lsgd":
         global_period = int(opts["--global-period"])
         if opts["--group-size"] == "4":               # one group: the global leader only
-            return (payload + 8) / global_period      # leader's parameters + one float64 score
-        return payload / period + payload / global_period + 8 / period
+            return (payload + 32) / global_period     # leader's parameters + a 4-number float64 row
+        return payload / period + payload / global_period + 32 / period
+    # The averaging methods announce each round with one float64 (for ranks that closed early).
     if algo == "mgrawa":
-        return (payload + 16) / period                # parameters + [1/norm, finite flag]
+        return (payload + 16 + 8) / period            # parameters + [1/norm, health flag]
     if algo == "lgrawa":
-        return (payload + 16 * tensors) / period      # parameters + one pair per tensor
-    return (payload + 8) / period                     # EASGD, LocalSGD: parameters + a count
+        return (payload + 8 * (tensors + 1) + 8) / period  # parameters + one 1/norm per tensor, a flag
+    return (payload + 8 + 8) / period                 # EASGD, LocalSGD: parameters + a count
 
 
 class MLP(nn.Module):

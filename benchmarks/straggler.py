@@ -5,10 +5,13 @@
 
 Rank 3 is slowed by a known factor: after each forward and backward pass it sleeps
 (factor - 1) times the time that computation took it. Each configuration trains the digits
-CNN for the same wall-clock budget; the synchronous runs agree on stopping every ``period`` steps (so all ranks take the same number of
-steps), the asynchronous ones stop each rank at its own deadline and close. Reported: the fast
-ranks' steps per second in each mode, their ratio, and the test accuracy at the budget
-(LSGD: its global leader; GRAWA: the workers' average).
+CNN for the same wall-clock budget; the synchronous runs agree on stopping every ``period``
+steps (so all ranks take the same number of steps), the asynchronous ones stop each rank at its
+own deadline and close. The time of ``close()`` (the rounds still due after the last step) is
+part of each run. Reported: the fast ranks' steps per second in each mode, their ratio, the
+test accuracy at the budget (LSGD: its global leader; GRAWA: the workers' average), and the
+asynchronous staleness: the worst lag, in rounds, between the global count and a round's
+start (``rounds_history``), with the share of rounds started during training.
 """
 import argparse
 import json
@@ -42,21 +45,28 @@ def launch(args) -> None:
                          "accuracy_async": asyn["accuracy"], "slow_steps_per_s_sync": sync["steps_per_s"][3],
                          "slow_steps_per_s_async": asyn["steps_per_s"][3]}
         s = summary[algo]
-        rows.append([algo.upper(), f"{fast_sync:.1f}", f"{fast_async:.1f}", f"{s['ratio']:.2f}x",
+        s.update({key: asyn[key] for key in ("period", "worst_lag_rounds", "rounds_started_during_training",
+                                             "rounds_total", "waits_per_rank")})
+        during = min(asyn["rounds_started_during_training"]) / max(asyn["rounds_total"], 1)
+        rows.append([algo.upper(), str(asyn["period"]), f"{fast_sync:.1f}", f"{fast_async:.1f}", f"{s['ratio']:.2f}x",
                      f"{s['slow_steps_per_s_sync']:.1f} / {s['slow_steps_per_s_async']:.1f}",
-                     f"{s['accuracy_sync']:.3f}", f"{s['accuracy_async']:.3f}"])
+                     f"{s['accuracy_sync']:.3f}", f"{s['accuracy_async']:.3f}",
+                     f"{asyn['worst_lag_rounds']} ({100 * during:.0f}% in training)"])
     machine = machine_description()
     command = " ".join(["python"] + sys.argv)
     result = {"benchmark": "straggler", "machine": machine, "date": today(), "command": command,
               "budget_s": args.budget, "factor": args.factor, "summary": summary, "runs": runs}
     (out / "straggler.json").write_text(json.dumps(result, indent=2))
     plot(summary, out / "straggler.png", args)
-    table = markdown_table(["method", "fast ranks, steps/s sync", "fast ranks, steps/s async", "async / sync",
-                            "slow rank steps/s (sync / async)", "test acc. sync", "test acc. async"], rows)
+    table = markdown_table(["method", "period τ", "fast ranks, steps/s sync", "fast ranks, steps/s async",
+                            "async / sync", "slow rank steps/s (sync / async)", "test acc. sync", "test acc. async",
+                            "worst staleness, rounds (rounds started during training)"], rows)
     print(table)
     if not args.no_markdown:
         update_section("straggler", f"Machine: {machine}. Date: {today()}. 4 ranks, rank 3 slowed {args.factor}x, "
-                                    f"{args.budget} s per configuration, digits CNN.\nCommand: `{command}`\n\n{table}\n\n"
+                                    f"{args.budget} s per configuration including `close()`, digits CNN, "
+                                    "LSGD with one group (τ = τ_G = 4), MGRAWA τ = 8.\n"
+                                    f"Command: `{command}`\n\n{table}\n\n"
                                     "Plot: `benchmarks/results/straggler.png`")
 
 
@@ -128,8 +138,8 @@ def worker(args) -> None:
                         stop = bool(hvd.allreduce(late, op=hvd.Max, name=f"bench.stop.{algo}").item())
                     if stop:
                         break
+            opt.close()  # part of the run: rounds still due after the last step are served here
             elapsed = time.perf_counter() - start
-            opt.close()
             with torch.no_grad():
                 if algo == "grawa":
                     for flat in opt.params.values():
@@ -138,7 +148,19 @@ def worker(args) -> None:
             rates = hvd.allgather(torch.tensor([steps / elapsed]), name="bench.rates").tolist()
             accs = hvd.allgather(torch.tensor([acc]), name="bench.accs").tolist()
             accuracy = accs[opt.global_leader] if algo == "lsgd" and opt.global_leader is not None else accs[0]
-            runs[f"{algo}-{mode}"] = {"steps_per_s": rates, "accuracy": accuracy}
+            runs[f"{algo}-{mode}"] = {"steps_per_s": rates, "accuracy": accuracy, "period": period[algo]}
+            if asynchronous:  # staleness: how far behind the global count each round started
+                schedule = opt._schedule
+                lag = max((total // schedule.unit - n for n, total, _ in opt.rounds_history), default=0)
+                mine = [lag, schedule.started_during_training, len(opt.rounds_history), schedule.waits,
+                        schedule.wait_seconds]
+                everyone = hvd.allgather(torch.tensor([mine], dtype=torch.float64), name="bench.lag").tolist()
+                runs[f"{algo}-{mode}"].update({
+                    "worst_lag_rounds": max(int(row[0]) for row in everyone),
+                    "rounds_started_during_training": [int(row[1]) for row in everyone],
+                    "rounds_total": int(everyone[0][2]),
+                    "waits_per_rank": [int(row[3]) for row in everyone],
+                    "wait_seconds_per_rank": [round(row[4], 3) for row in everyone]})
             if rank == 0:
                 print(f"{algo} {mode}: steps/s per rank {[round(r, 1) for r in rates]}, test accuracy {accuracy:.3f}",
                       flush=True)

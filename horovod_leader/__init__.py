@@ -8,14 +8,18 @@ Where things are:
 * ``flat.py``       packing a model into one flat buffer per dtype and device
 * ``comm.py``       Horovod collectives with ``comm_bytes`` accounting
 * ``grawa_weights.py`` GRAWA's inverse-gradient-norm weights
-* ``optim/``        the wrappers: ``LSGD``, ``GRAWA``, ``EASGD``, ``LocalSGD``, ``DataParallel``
+* ``optim/``        the wrappers: ``LSGD``, ``GRAWA``, ``EASGD``, ``LocalSGD``, ``DataParallel``,
+                    ``OneSidedEASGD``
+* ``errors.py``     ``AllWorkersDiverged``, raised on every rank together
 
 ``import horovod_leader`` works without Horovod installed; only the communicating parts
 (``init`` and the wrappers) need it, and import it when used.
 """
 from horovod_leader import fused
-from horovod_leader.optim import EASGD, GRAWA, LSGD, DataParallel, LocalSGD
+from horovod_leader.errors import AllWorkersDiverged
+from horovod_leader.optim import EASGD, GRAWA, LSGD, DataParallel, LocalSGD, OneSidedEASGD
 from horovod_leader.topology import Topology, init
 
 __version__ = "0.1.0"
-__all__ = ["init", "Topology", "LSGD", "GRAWA", "EASGD", "LocalSGD", "DataParallel", "fused", "__version__"]
+__all__ = ["init", "Topology", "LSGD", "GRAWA", "EASGD", "LocalSGD", "DataParallel", "OneSidedEASGD",
+           "AllWorkersDiverged", "fused", "__version__"]

@@ -14,13 +14,24 @@ Design, in three pieces:
   done, so the worker keeps computing while the slower workers catch up and join; the pull is
   applied as soon as the data has arrived. Driven with ``block=True`` the same generator is
   the synchronous refresh.
-* Staleness is bounded: a worker starts refresh n+1 only after refresh n has completed on it,
-  so a pull uses parameters at most one refresh interval (``size * period`` global steps) old.
+* Rounds keep pace with the global count. After each step a worker advances its in-flight
+  round as far as its collectives allow and starts the next due round in the same step once
+  the previous one has completed. When the *next* round is already due while its current one
+  is still in flight, the worker waits for the current one instead of falling further behind.
+  Every round therefore starts at most one round behind the count: with ``unit`` global steps
+  per round, a worker starts round n when the total T satisfies ``T // unit - n <= 1``
+  (``rounds_history`` records T). In the normal case (a round completes within a round
+  interval) nobody waits, and the collectives overlap with the workers' computation.
+
+  Why one round bounds it: a worker with round m in flight adds a step only while the total
+  it last read was below ``(m + 1) * unit``, and a round completes on nobody before every
+  worker has started it. So before the last worker starts round m + 1, the total is below
+  ``(m + 2) * unit + size``, which is less than ``(m + 3) * unit``.
 
 Shutdown: ``close()`` increments the closed count, then keeps joining every refresh that the
-total makes due until every rank has closed. All ranks then see the same final total and join
-the same last refresh, so no rank waits in a collective for one that has left, and the final
-refresh is not lost.
+total makes due until every rank has closed: only the rounds that fall due after the last
+step are served there. All ranks then see the same final total and join the same last
+refresh, so no rank waits in a collective for one that has left.
 """
 from __future__ import annotations
 
@@ -36,6 +47,11 @@ class GlobalStepCounter:
     """Atomic counters shared by all ranks, advanced with one-sided MPI operations."""
 
     def __init__(self, comm=None):
+        from horovod_leader.topology import require_mpi
+
+        # In Horovod's Gloo mode there is no MPI world to hold the window: every rank stops
+        # here with the cause and the fix, before anything communicates.
+        require_mpi("asynchronous mode (asynchronous=True, --async)")
         from mpi4py import MPI
 
         self._MPI = MPI
@@ -119,6 +135,10 @@ class RefreshDriver:
             self._handles = tuple(self._gen.send(results))
         except StopIteration as finished:
             self._gen, self._handles, self.result = None, (), finished.value
+        except BaseException:
+            # The refresh raised (e.g. every worker diverged): nothing is left in flight.
+            self._gen, self._handles = None, ()
+            raise
 
 
 class AsyncSchedule:
@@ -134,30 +154,48 @@ class AsyncSchedule:
         self.rounds_started = 0
         self.last_total = 0
         self.history = []  # (round, global total, this rank's steps) when this rank started it
+        self.started_during_training: Optional[int] = None  # rounds started before close()
+        self.waits = 0  # how often this rank waited for its round so as not to fall behind
+        self.wait_seconds = 0.0
 
     def after_step(self, start_round: Callable[[int], RefreshGenerator], local_steps: int) -> None:
-        """Count this step, advance the pending refresh, start the next one if due."""
+        """Count this step, advance the in-flight round, start every due round it may."""
         self.last_total = self.counter.add_step()
-        self._poll(start_round, local_steps)
+        self._advance(start_round, local_steps)
 
-    def _poll(self, start_round, local_steps: int) -> None:
-        self.driver.progress()
-        if not self.driver.busy and self.last_total >= (self.rounds_started + 1) * self.unit:
-            self.rounds_started += 1
-            self.history.append((self.rounds_started, self.last_total, local_steps))
-            self.driver.start(start_round(self.rounds_started))
+    def _advance(self, start_round, local_steps: int) -> None:
+        while True:
+            self.driver.progress()
+            due = self.last_total // self.unit
+            if self.driver.busy:
+                if due <= self.rounds_started:
+                    return  # the round in flight is the newest due: keep computing meanwhile
+                # The next round is due and this one is still in flight: wait for it rather
+                # than fall further behind (this bounds staleness by one round).
+                began = time.perf_counter()
+                self.driver.progress(block=True)
+                self.waits += 1
+                self.wait_seconds += time.perf_counter() - began
+                self.last_total = self.counter.total()  # others stepped while this rank waited
+            elif due > self.rounds_started:
+                self.rounds_started += 1
+                self.history.append((self.rounds_started, self.last_total, local_steps))
+                self.driver.start(start_round(self.rounds_started))
+            else:
+                return
 
     def close(self, start_round: Callable[[int], RefreshGenerator], local_steps: int,
               poll_seconds: float = 0.001) -> None:
         """Keep joining due refreshes until every rank has closed and the last one is done."""
         size = self.counter.comm.Get_size()
+        self.started_during_training = self.rounds_started
         self.counter.close()
         while True:
             # Closed count first: once it reads `size`, every step was counted before, so the
             # total read next is final and every rank computes the same last round.
             everyone_closed = self.counter.closed() == size
             self.last_total = self.counter.total()
-            self._poll(start_round, local_steps)
+            self._advance(start_round, local_steps)
             if everyone_closed and not self.driver.busy and self.last_total < (self.rounds_started + 1) * self.unit:
                 break
             time.sleep(poll_seconds)

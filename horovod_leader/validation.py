@@ -7,15 +7,16 @@ waiting for another that already failed. Each message names the argument and wha
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer (numpy's integers too) of at least ``minimum``; returned as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def check_real(name: str, value, low: float = -math.inf, high: float = math.inf,
@@ -52,6 +53,6 @@ def _interval(low, high, low_open, high_open) -> str:
 
 
 def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":  # numpy's booleans too
         raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
+    return bool(value)

@@ -50,3 +50,85 @@ def test_asynchronous_variants():
                            "async_digits_lsgd", "async_digits_grawa", "async_digits_easgd"])
     steps = ast.literal_eval(values(result, "async_steps")[0])  # [fast, fast, fast, slow] step counts
     assert min(steps[:3]) > steps[3]
+
+
+def test_asynchronous_rounds_keep_pace_and_leader_is_not_pulled():
+    result = run_mpi("async_rounds_checks.py", timeout=400)
+    checks = [f"schedule_{kind}_p{period}_{speed}" for period in (1, 4) for kind in ("lsgd1", "lsgd2", "grawa")
+              for speed in ("equal", "straggler")]
+    checks += ["overlap_lsgd1", "overlap_grawa"]
+    checks += [f"leader_follows_sgd_{mode}_{groups}group" for mode in ("sync", "async") for groups in (1, 2)]
+    expect_passes(result, checks)
+
+
+def test_unhealthy_workers_and_every_worker_diverged():
+    result = run_mpi("divergence_checks.py", timeout=400)
+    wrappers = [("lsgd1", True), ("lsgd2", True), ("grawa", True), ("easgd", True), ("localsgd", False)]
+    modes = lambda has_async: ("sync", "async") if has_async else ("sync",)
+    checks = [f"batchnorm_nan_{w}_{m}" for w, a in wrappers for m in modes(a)]
+    checks += [f"all_diverged_{w}_{m}" for w, a in wrappers for m in modes(a)]
+    checks += ["all_diverged_dp", "one_sided_easgd_centre_arithmetic", "one_sided_easgd_straggler"]
+    expect_passes(result, checks)
+
+
+def test_training_command_stops_on_every_rank_when_every_worker_diverges(tmp_path):
+    """A learning rate that makes every worker diverge: the job exits non-zero, saying why, and
+    within 30 s of the error (timed from the moment the message appears, not from start-up)."""
+    import sys
+
+    from mpi_harness import mpirun_command
+
+    for algo in ("lsgd", "dp"):
+        cmd = mpirun_command(4, [sys.executable, "-u", "-m", "horovod_leader.train", "--algo", algo, "--lr", "1e30",
+                                 "--epochs", "30", "--eval-every", "1000", "--out", str(tmp_path / algo),
+                                 "--no-progress"])
+        status, after, output, seen = stream_until_exit(cmd, "every worker diverged at step")
+        assert seen and status != 0, output[-3000:]
+        assert after < 30, after
+
+
+def stream_until_exit(cmd, marker: str, timeout: float = 180):
+    """Run ``cmd``; return (exit status, seconds from the first line containing ``marker`` to
+    the exit, output). Timing from the marker leaves Python's start-up out of it."""
+    import subprocess
+    import time
+
+    from mpi_harness import REPO
+    from test_cli import ENV
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO,
+                            start_new_session=True)
+    seen_at, lines, deadline = None, [], time.time() + timeout
+    for line in proc.stdout:  # the pipe closes when every rank has exited
+        lines.append(line)
+        if seen_at is None and marker in line:
+            seen_at = time.time()
+        if time.time() > deadline:
+            proc.kill()
+            break
+    status = proc.wait(timeout=30)
+    return status, time.time() - (seen_at or time.time()), "".join(lines), seen_at is not None
+
+
+def test_one_rank_raising_ends_the_job():
+    """Rank 2 raises inside ``with opt:`` or outside it: every rank ends, non-zero, within 60 s."""
+    import sys
+
+    from mpi_harness import MPI_DIR, mpirun_command
+
+    for algo in ("lsgd", "localsgd"):
+        for where in ("inside", "outside"):
+            cmd = mpirun_command(4, [sys.executable, "-u", str(MPI_DIR / "raise_checks.py"), algo, where])
+            status, after, output, seen = stream_until_exit(cmd, "user code failed on rank 2")
+            assert seen and status != 0, (algo, where, output[-3000:])
+            assert after < 60, (algo, where, after)
+            assert "finished all its steps" not in output, (algo, where, output[-3000:])
+            assert "rank 2 failed; ending the whole job" in output, output[-3000:]
+
+
+def test_uneven_steps_and_dataparallel_habits():
+    result = run_mpi("training_loop_checks.py", timeout=400)
+    expect_passes(result, [f"uneven_{m}" for m in ("lsgd1", "lsgd2", "grawa", "easgd", "localsgd", "dp")]
+                  + ["localsgd_uneven_average_is_over_stepping_ranks", "dp_clip_skip_synchronize", "dp_uneven_average",
+                     "fused_step_hooks_and_scheduler", "fused_per_group_weight_decay_and_frozen",
+                     "errors_and_inputs"])

@@ -5,5 +5,6 @@ from horovod_leader.optim.easgd import EASGD
 from horovod_leader.optim.grawa import GRAWA
 from horovod_leader.optim.local_sgd import LocalSGD
 from horovod_leader.optim.lsgd import LSGD
+from horovod_leader.optim.one_sided_easgd import OneSidedEASGD
 
-__all__ = ["DistributedWrapper", "LSGD", "GRAWA", "EASGD", "LocalSGD", "DataParallel"]
+__all__ = ["DistributedWrapper", "LSGD", "GRAWA", "EASGD", "LocalSGD", "DataParallel", "OneSidedEASGD"]

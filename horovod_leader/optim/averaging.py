@@ -1,7 +1,8 @@
 """The round shared by GRAWA, EASGD and local SGD: an all-reduce of weighted parameters.
 
-Each worker contributes ``weight * x`` (per tensor, for LGRAWA), or zeros when its parameters
-are not finite, so a diverged worker never poisons the centre. The all-reduces are posted
+Each worker contributes ``weight * x`` (per tensor, for LGRAWA), or zeros when it is not
+healthy (non-finite parameters, buffers or gradient norms), so a diverged worker never poisons
+the centre, the norms or the batch-norm statistics. The all-reduces are posted
 non-blocking; the refresh generators of the wrappers yield their handles (see
 ``horovod_leader.async_schedule``), so the same code serves the synchronous and the
 asynchronous modes.
@@ -61,11 +62,17 @@ class MeanRound:
         handles += post_weighted_sum(comm, buffers, self.buffers, None, healthy, "buffers")
         return handles
 
-    def finish(self) -> None:
-        """Once the posted all-reduces are done: turn the sums into means, in place."""
-        scale = 1.0 / max(float(self.count), 1.0)
-        for buf in list(self.params.values()) + list(self.buffers.values()):
-            buf.mul_(scale)
+    def finish(self) -> int:
+        """Once the posted all-reduces are done: turn the sums into means, in place.
+
+        Returns how many workers were healthy; with none, the sums are left as they are
+        (there is no mean, and the caller raises ``AllWorkersDiverged``).
+        """
+        healthy = int(round(float(self.count)))
+        if healthy:
+            for buf in list(self.params.values()) + list(self.buffers.values()):
+                buf.div_(healthy)
+        return healthy
 
 
 def pull_toward_(flat: FlatBuffer, centre: torch.Tensor, pull: float) -> None:

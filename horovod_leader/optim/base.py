@@ -14,7 +14,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from horovod_leader import abort
 from horovod_leader.comm import Collectives
+from horovod_leader.errors import AllWorkersDiverged
 from horovod_leader.flat import FlatBuffer, pack
 from horovod_leader.topology import Topology
 
@@ -66,8 +68,15 @@ class DistributedWrapper:
         self._steps = 0
         self._closed = False
         self.recoveries = 0  # how many times this worker was reset after diverging
+        self._reset_since_step = False
         self.asynchronous = False
         self._schedule = None  # an AsyncSchedule in asynchronous mode (see _setup_rounds)
+        for what, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if tensor.dtype == torch.bfloat16 and tensor.device.type != "cuda":
+                raise ValueError(f"model: {what!r} is bfloat16 on {tensor.device}, which Horovod cannot send "
+                                 "(it refuses bfloat16 tensors on the CPU); keep the master weights in float32 "
+                                 "(torch.autocast for bfloat16 compute) or move the model to a GPU")
+        abort.install_excepthook()  # one rank's uncaught exception ends the job, not just that rank
         # Everything above is local; from here on ranks communicate.
         self.comm = Collectives(self.name)
         self._check_same_model()
@@ -111,12 +120,28 @@ class DistributedWrapper:
     def _params_finite(self) -> bool:
         return all(bool(torch.isfinite(flat.flat).all()) for flat in self.params.values())
 
+    def _healthy(self) -> bool:
+        """Finite parameters and floating buffers: only such a worker may enter an average."""
+        return self._params_finite() and all(bool(torch.isfinite(flat.flat).all())
+                                             for flat in self.float_buffers.values())
+
+    def _may_contribute(self) -> bool:
+        """Healthy, and stepped since its last reset. A worker just reset to the centre (or a
+        leader's copy) has nothing of its own to add; letting it count would keep a centre alive
+        out of resets alone when in truth every worker keeps diverging."""
+        return not self._reset_since_step and self._healthy()
+
+    def _all_diverged(self, detail: str = "") -> AllWorkersDiverged:
+        """The error every rank raises when a round finds no healthy worker."""
+        return AllWorkersDiverged(type(self).__name__, self._steps, detail)
+
     def _log_recovery(self, source: str) -> None:
         """A diverged worker was reset to ``source``: log it and restart its optimizer state."""
         log.warning("horovod_leader: rank %d diverged (non-finite loss, gradient or parameters) at step %d; "
                     "reset to %s", self.rank, self._steps, source)
         self.optimizer.state.clear()
         self.recoveries += 1
+        self._reset_since_step = True
 
     # ------------------------------------------------------------------ common API
     @property
@@ -134,8 +159,17 @@ class DistributedWrapper:
 
     @property
     def param_groups(self) -> List[dict]:
-        """The wrapped optimizer's param groups (so LR schedulers can be pointed at either)."""
+        """The wrapped optimizer's param groups (the same dicts). LR schedulers take the wrapped
+        optimizer itself: ``StepLR(opt.optimizer, ...)`` (a wrapper is not a
+        ``torch.optim.Optimizer``); so does ``hvd.broadcast_optimizer_state(opt.optimizer, 0)``."""
         return self.optimizer.param_groups
+
+    def broadcast_optimizer_state(self, root_rank: int = 0) -> None:
+        """``hvd.broadcast_optimizer_state`` on the wrapped optimizer (the wrapper's own
+        ``state_dict`` is not an optimizer's, so pass ``opt.optimizer`` when calling Horovod)."""
+        import horovod.torch as hvd
+
+        hvd.broadcast_optimizer_state(self.optimizer, root_rank=root_rank)
 
     def _begin_step(self, loss):
         """What every ``step`` starts with: check the loss and the packing, count the step."""
@@ -143,6 +177,7 @@ class DistributedWrapper:
             loss = scalar_loss(loss)
         self._check_packed()
         self._steps += 1
+        self._reset_since_step = False
         return loss
 
     # ------------------------------------------------------------------ refresh rounds
@@ -161,8 +196,30 @@ class DistributedWrapper:
         raise NotImplementedError
 
     def _run_round(self, number: int) -> None:
-        """A synchronous round: post, wait, apply, before ``step`` returns."""
+        """A synchronous round: announced, posted, waited and applied before ``step`` returns.
+
+        The announcement is a one-number all-reduce (the count of ranks still stepping) posted
+        with the round's own collectives, so it costs no extra wait; ranks that have closed
+        early learn from it that a round is on and join it (see ``_join_rounds``).
+        """
+        header = torch.ones(1, dtype=torch.float64)
+        announced = self.comm.allreduce_async_(header, name="round.header")
         self._driver.start(self._round(number), block=True)
+        self.comm.wait(announced)
+
+    def _join_rounds(self) -> None:
+        """Synchronous close: join the rounds of the ranks still stepping, without stepping.
+
+        This rank contributes nothing to any average and never leads; it returns once every
+        rank has closed (the announced count of stepping ranks is 0).
+        """
+        while True:
+            header = torch.zeros(1, dtype=torch.float64)
+            self.comm.wait(self.comm.allreduce_async_(header, name="round.header"))
+            if float(header) == 0.0:
+                return
+            self._driver.start(self._round(self._steps // max(getattr(self, "period", 1), 1), joined=True),
+                               block=True)
 
     @property
     def rounds_history(self):
@@ -172,32 +229,50 @@ class DistributedWrapper:
     def close(self) -> None:
         """Leave the collective schedule: returns on every rank once every rank has closed.
 
-        Call it when this rank stops stepping (``with opt:`` calls it on exit). Asynchronous
-        wrappers keep joining the refreshes that fall due until every rank has closed, so
-        ranks may stop at different step counts; in the synchronous ones every rank must have
-        taken the same number of steps.
+        Call it when this rank stops stepping (``with opt:`` calls it on exit). Ranks may stop
+        at different step counts, as with ``hvd.join()``: a rank that closes early keeps
+        joining the rounds of the others without stepping (synchronous wrappers: it adds
+        nothing to any average and never leads; asynchronous ones: it keeps serving the rounds
+        that the global count makes due), and every rank returns once all have closed.
         """
         if self._closed:
             return
         self._closed = True
         if self._schedule is not None:
             self._schedule.close(self._round, self._steps)
+        else:
+            self._join_rounds()
         import horovod.torch as hvd
         hvd.join()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Closes; but leaving by an exception ends the whole job (``horovod_leader.abort``):
+        entering ``close()`` would leave the other ranks waiting in this step's collectives, or
+        training on without this worker as if nothing had happened."""
+        if exc_type is not None and abort.enabled():
+            abort.abort_job(exc_type, exc, tb)
         self.close()
 
     def _base_state(self) -> Dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "steps": self._steps, "comm_bytes": self.comm.bytes,
                 "algorithm": type(self).__name__}
 
-    def _load_base_state(self, state: Dict[str, Any]) -> None:
-        if state.get("algorithm", type(self).__name__) != type(self).__name__:
-            raise ValueError(f"state_dict is from {state['algorithm']}, not {type(self).__name__}")
+    def _load_base_state(self, state: Dict[str, Any], required=()) -> None:
+        """Check that ``state`` is this wrapper's kind of state dict, then restore the common part."""
+        name = type(self).__name__
+        if not isinstance(state, dict):
+            raise ValueError(f"{name}.load_state_dict expects the dict from {name}.state_dict(), "
+                             f"got {type(state).__name__}")
+        if "algorithm" in state and state["algorithm"] != name:
+            raise ValueError(f"state_dict is from {state['algorithm']}, not {name}")
+        missing = [key for key in ("optimizer", "steps", "comm_bytes", *required) if key not in state]
+        if missing:
+            hint = (" (it looks like a torch.optim optimizer's state_dict: load that with "
+                    "opt.optimizer.load_state_dict)") if {"state", "param_groups"} <= set(state) else ""
+            raise ValueError(f"state_dict is not from {name}.state_dict(): it lacks {missing}{hint}")
         self.optimizer.load_state_dict(state["optimizer"])
         self._steps = int(state["steps"])
         self.comm.bytes = int(state["comm_bytes"])

@@ -1,48 +1,105 @@
-"""Data-parallel SGD: Horovod's DistributedOptimizer behind the same interface as the others."""
+"""Data-parallel SGD: Horovod's gradient all-reduce behind the same interface as the others."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict
 
 import torch
 
 from horovod_leader.optim.base import DistributedWrapper
+from horovod_leader.validation import check_int
 
 
 class DataParallel(DistributedWrapper):
-    """Gradients are averaged over all workers at every step (``hvd.DistributedOptimizer``).
+    """Gradients are averaged over all workers at every step, as ``hvd.DistributedOptimizer`` does.
 
-    A thin adapter, so that the same loop (``optimizer.zero_grad(); loss.backward();
-    opt.step(loss)``) and the same ``comm_bytes`` accounting apply. Horovod all-reduces each
-    gradient as backward produces it; ``comm_bytes`` grows by the gradients' payload, which
-    equals the parameter payload P, per step. Extra keyword arguments go to
-    ``hvd.DistributedOptimizer`` (``compression=``, ``op=``, ...). Start every rank from the same
-    weights (``hvd.broadcast_parameters``), as usual with data parallelism.
+    The same loop as the other wrappers (``optimizer.zero_grad(); loss.backward();
+    opt.step(loss)``), the same ``comm_bytes`` accounting (the gradients' payload, which equals
+    the parameter payload P, per step), and Horovod's habits:
+
+    * Horovod's hooks all-reduce each gradient as backward produces it; ``synchronize()`` waits
+      for them, so that ``.grad`` holds the average, and ``skip_synchronize()`` makes the next
+      ``step`` use it as is. Clipping the *averaged* gradient keeps every replica identical::
+
+          loss.backward()
+          opt.synchronize()
+          torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+          with opt.skip_synchronize():
+              opt.step(loss)
+
+    * ``backward_passes_per_step=N`` accumulates N backward passes locally before the
+      all-reduce (gradient accumulation), as in Horovod.
+    * The *user's* optimizer steps and holds the state (momentum, Adam's moments), so
+      ``optimizer.state_dict()``, its step hooks and LR schedulers pointed at it behave as
+      without Horovod.
+    * Uneven step counts: a rank that stops early calls ``close()``, which is ``hvd.join()``: it
+      takes part in the others' all-reduces with zero gradients, so until every rank has closed
+      the average is over *all* ranks, the stopped ones counting as zeros (Horovod's rule).
+
+    Extra keyword arguments go to ``hvd.DistributedOptimizer`` (``compression=``, ``op=``, ...).
+    Start every rank from the same weights (``hvd.broadcast_parameters``), as usual with data
+    parallelism. A non-finite averaged gradient would enter every replica alike, so every rank
+    raises ``AllWorkersDiverged`` instead of stepping into NaN.
     """
 
     name = "dp"
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, topology=None,
-                 **distributed_kwargs):
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, backward_passes_per_step: int = 1,
+                 topology=None, **distributed_kwargs):
+        passes = check_int("backward_passes_per_step", backward_passes_per_step)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=False)
         import horovod.torch as hvd
 
-        self._user_optimizer = optimizer
-        # Horovod's wrapper is a new optimizer over the same param groups; it holds the state.
-        self.optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
-                                                  **distributed_kwargs)
+        # Horovod's optimizer is a second optimizer object over the same param groups: only its
+        # gradient hooks and synchronize() are used; the user's optimizer steps.
+        self._horovod = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                                 backward_passes_per_step=passes, **distributed_kwargs)
+        self._synchronized = False
+        self._skip = False
         self._grad_bytes = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"]
                                if p.requires_grad)
 
+    def synchronize(self) -> None:
+        """Wait for the gradient all-reduces: every ``.grad`` then holds the average over ranks."""
+        self._horovod.synchronize()
+        if not self._synchronized:
+            self.comm.bytes += self._grad_bytes
+        self._synchronized = True
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """The ``step`` inside uses the gradients as they are (after ``synchronize()``)."""
+        self._skip = True
+        try:
+            yield
+        finally:
+            self._skip = False
+
     def step(self, loss=None) -> None:
         self._begin_step(loss)
-        self.optimizer.step()  # waits for the gradient all-reduces, then steps
-        self.comm.bytes += self._grad_bytes
+        if not self._skip:
+            self.synchronize()
+        elif not self._synchronized:
+            raise RuntimeError("DataParallel.step inside skip_synchronize() needs synchronize() first: the "
+                               "gradients have not been averaged")
+        # The average is the same on every rank, so every rank decides alike: a non-finite
+        # average would put NaN into every replica, with nothing sound left to recover from.
+        if not all(bool(torch.isfinite(p.grad).all()) for g in self.optimizer.param_groups for p in g["params"]
+                   if p.grad is not None):
+            raise self._all_diverged("the averaged gradient is not finite")
+        self.optimizer.step()
+        self._synchronized = False
+        self._horovod._synchronized = False  # Horovod's own step is not used: reset its flag alike
+
+    def _join_rounds(self) -> None:
+        """No rounds: ``hvd.join()`` (in ``close``) lets a rank that stopped early take part in
+        the others' gradient all-reduces with zeros."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if set_to_none:  # Horovod's zero_grad() takes no arguments (it checks for pending all-reduces)
-            self.optimizer.zero_grad()
+            self._horovod.zero_grad()
         else:
-            self._user_optimizer.zero_grad(set_to_none=False)
+            self.optimizer.zero_grad(set_to_none=False)
 
     def state_dict(self) -> Dict[str, Any]:
         return self._base_state()

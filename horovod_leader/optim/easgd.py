@@ -25,12 +25,16 @@ class EASGD(DistributedWrapper):
     The centre :math:`\tilde x` is replicated identically on every rank: it starts as the
     average of the workers at construction and is part of ``state_dict``. One all-reduce of the
     packed parameters per round. ``alpha`` defaults to ``beta / size``; both lie in (0, 1]
-    (typical: ``beta = 0.9``, or 0.43 in the LSGD authors' code). A diverged worker does not
-    enter the mean and is reset to the new centre.
+    (typical: ``beta = 0.9``, or 0.43 in the LSGD authors' code). A diverged worker (non-finite
+    parameters or floating buffers) does not enter the mean and is reset to the new centre;
+    when no worker is healthy, every rank raises ``AllWorkersDiverged``.
 
-    ``asynchronous=True``: rounds are scheduled on the global step count (every
+    ``asynchronous=True`` is the *round-based* asynchronous EASGD of the LSGD authors' code, the
+    baseline of the LSGD and GRAWA papers: rounds are scheduled on the global step count (every
     ``size * period`` steps of all workers together) and run while the workers keep stepping;
-    the elastic pull acts on the worker's current parameters when the mean arrives.
+    the elastic pull acts on the worker's current parameters when the mean arrives. The EASGD
+    paper's own asynchronous algorithm, with no rounds and no collectives (a sharded centre in
+    MPI windows), is ``OneSidedEASGD``.
     """
 
     name = "easgd"
@@ -60,19 +64,24 @@ class EASGD(DistributedWrapper):
         elif self._steps % self.period == 0:
             self._run_round(self._steps // self.period)
 
-    def _round(self, number: int):
-        healthy = self._params_finite()
-        yield self._mean.post(self.comm, self.params, self.float_buffers, healthy)
-        self._mean.finish()
+    def _round(self, number: int, joined: bool = False):
+        """One elastic round; ``joined``: this rank has closed, adds nothing and is not pulled,
+        but keeps its replica of the centre up to date."""
+        healthy = self._healthy() or joined
+        yield self._mean.post(self.comm, self.params, self.float_buffers, self._may_contribute() and not joined)
+        if not self._mean.finish():
+            raise self._all_diverged(f"elastic round {number}")
         mean = self._mean.params
         with torch.no_grad():
             for key, flat in self.params.items():
                 centre = self.centre[key]
-                if healthy:  # the elastic pull uses the centre before its own update
+                if healthy and not joined:  # the elastic pull uses the centre before its own update
                     pull_toward_(flat, centre, self.alpha)
                 centre.mul_(1.0 - self.beta).add_(mean[key], alpha=self.beta)
                 if not healthy:
                     flat.flat.copy_(centre)
+        if joined:
+            return
         replace_all_(self.float_buffers, self._mean.buffers)
         if not healthy:
             self._log_recovery("the EASGD centre")
@@ -83,6 +92,6 @@ class EASGD(DistributedWrapper):
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._load_base_state(state)
+        self._load_base_state(state, required=("centre",))
         for key, centre in zip(self.params, state["centre"]):
             self.centre[key].copy_(centre)

@@ -1,13 +1,13 @@
 r"""GRAWA: pull every worker toward an average weighted by inverse gradient norms."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
 from horovod_leader import grawa_weights
 from horovod_leader.optim.averaging import post_weighted_sum, pull_toward_, replace_all_
-from horovod_leader.optim.base import DistributedWrapper
+from horovod_leader.optim.base import DistributedWrapper, scalar_loss
 from horovod_leader.validation import check_bool, check_fraction, check_int, check_real
 
 
@@ -15,55 +15,68 @@ class GRAWA(DistributedWrapper):
     r"""Gradient-based weighted averaging (MGRAWA, or LGRAWA with ``layerwise=True``).
 
     Call ``step(loss)`` after ``loss.backward()``. At every call the wrapped optimizer steps.
-    At the k-th call with ``period`` dividing k it is an averaging round: the norms of the
-    gradient of that step (the ``.grad`` just computed, read before the optimizer uses it)
-    give the weights
+    At the k-th call with ``period`` dividing k it is an averaging round, after the optimizer's
+    step, with weights from gradient norms:
 
     .. math::
 
         w_i = \frac{1/\|g_i\|}{\sum_j 1/\|g_j\|}, \qquad
         x_C = \sum_i w_i\,x_i, \qquad x_i \leftarrow x_i - \lambda\,(x_i - x_C)
 
-    computed after the optimizer's step. MGRAWA uses the true L2 norm of the whole gradient
+    Which gradient :math:`g_i`: by default the ``.grad`` of that step (read before the optimizer
+    uses it); with ``fresh_loss`` (the authors' choice), the gradient of ``fresh_loss(model)``
+    taken at the moment of averaging, typically on a fresh random batch from the whole training
+    set; it is computed with ``torch.autograd.grad`` and leaves ``.grad`` untouched (the forward
+    pass runs in the model's current mode, so in training mode it also updates batch-norm
+    statistics, as in the authors' code). MGRAWA uses the true L2 norm of the whole gradient
     (the authors' code sums per-tensor norms instead); LGRAWA weights every parameter tensor
     by its own norms. ``norm_decay > 0`` smooths each worker's norms across rounds with a
-    bias-corrected exponential average (the authors use about 0.43). ``prox > 0`` adds, after
-    every other step, ``x <- x - (prox/period)(x - x_C)`` toward the last centre.
+    bias-corrected exponential average (the authors' 0.9^8, about 0.43). ``prox > 0`` adds,
+    after every other step, ``x <- x - (prox/period)(x - x_C)`` toward the last centre.
 
-    Communication per round: one all-reduce of the inverse norms (one number, or one per
-    tensor, plus a finite flag each) and one all-reduce of the weighted, packed parameters.
-    Floating buffers (batch-norm statistics) are averaged with equal weights in the same round.
+    Communication per round: one all-reduce of ``x_i / ||g_i||`` (packed parameters, per tensor
+    for LGRAWA) and, posted with it, one of ``[1/||g_i|| ...; health flag]`` and one of the
+    floating buffers; the centre is their quotient (``horovod_leader.grawa_weights``). So a
+    round completes as soon as every worker has joined it. Floating buffers (batch-norm
+    statistics) are replaced by their plain mean over the healthy workers.
 
-    A zero norm is clamped (large but finite weight); a non-finite norm gets weight 0; if every
-    norm is non-finite the weights are equal. A worker with non-finite parameters contributes
-    nothing and is reset to the centre, with its optimizer state cleared.
+    Health: a worker whose norm, parameters or floating buffers are not finite enters no
+    average (neither the centre, the norms nor the buffers) and is reset to the centre, its
+    optimizer state cleared and the recovery logged. A zero norm is clamped (large but finite
+    weight). When no worker is healthy, every rank raises ``AllWorkersDiverged``.
 
     ``asynchronous=True``: workers step at their own pace; a round starts when the steps of all
     workers together cross a multiple of ``size * period`` (``horovod_leader.async_schedule``),
     its collectives run while the worker keeps stepping, and the pull is applied to the
-    worker's current parameters when the centre arrives (at most one round interval stale).
+    worker's current parameters when the centre arrives (at most one round behind the count).
 
-    Defaults are the authors' (CIFAR-10, ResNet-20, 4 workers): ``period=32``, ``pull=0.5``.
+    Defaults are the authors' (CIFAR-10, ResNet-20, 4 workers): ``period=32``, ``pull=0.5``;
+    their ``prox`` is 0.01 and their ``norm_decay`` 0.9^8 (both off here by default).
     """
 
     name = "grawa"
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 32,
                  pull: float = 0.5, layerwise: bool = False, prox: float = 0.0, norm_decay: float = 0.0, *,
-                 asynchronous: bool = False, broadcast_buffers: bool = True, topology=None):
+                 fresh_loss: Optional[Callable[[torch.nn.Module], Any]] = None, asynchronous: bool = False,
+                 broadcast_buffers: bool = True, topology=None):
         self.period = check_int("period", period)
         self.pull = check_fraction("pull", pull)
         self.layerwise = check_bool("layerwise", layerwise)
         self.prox = check_fraction("prox", prox)
         self.norm_decay = check_real("norm_decay", norm_decay, 0.0, 1.0, high_open=True)
+        if fresh_loss is not None and not callable(fresh_loss):
+            raise ValueError(f"fresh_loss must be None or a callable fresh_loss(model) -> loss, "
+                             f"got {type(fresh_loss).__name__}")
+        self.fresh_loss = fresh_loss
         check_bool("asynchronous", asynchronous)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
         self._tensors = [t for flat in self.params.values() for t in flat.tensors]  # packing order
         self._smoother = grawa_weights.NormSmoother(self.norm_decay)
         self._centre: Dict[Any, torch.Tensor] = {}     # last centre received (prox pulls toward it)
-        self._incoming: Dict[Any, torch.Tensor] = {}   # the centre being all-reduced
-        self._buffer_mean: Dict[Any, torch.Tensor] = {}
-        self._norms = None
+        self._incoming: Dict[Any, torch.Tensor] = {}   # the weighted sum being all-reduced
+        self._buffer_sum: Dict[Any, torch.Tensor] = {}
+        self._norms: Optional[torch.Tensor] = None
         self.last_weights = None  # this worker's weights in the last round (one, or one per tensor)
         self._setup_rounds(asynchronous, self.period)
 
@@ -71,7 +84,7 @@ class GRAWA(DistributedWrapper):
         """One step of the wrapped optimizer; then an averaging round when one is due."""
         self._begin_step(loss)
         due = self._steps % self.period == 0
-        if due or self.asynchronous:  # asynchronous rounds may start at any step
+        if self.fresh_loss is None and (due or self.asynchronous):  # asynchronous rounds start at any step
             self._norms = grawa_weights.grad_norms(self._tensors, self.layerwise)
         self.optimizer.step()
         if self.prox and self._centre and not due:
@@ -82,24 +95,63 @@ class GRAWA(DistributedWrapper):
         elif due:
             self._run_round(self._steps // self.period)
 
-    def _round(self, number: int):
-        norms = self._smoother(self._norms)
-        healthy = self._params_finite()
-        mine = grawa_weights.local_terms(norms, healthy)
-        summed = mine.clone()
-        yield [self.comm.allreduce_async_(summed, name="norms")]
-        weights = grawa_weights.weights_from_sums(mine, summed, self.size)
-        self.last_weights = weights
-        handles = post_weighted_sum(self.comm, self.params, self._incoming, weights, healthy, "centre")
-        handles += post_weighted_sum(self.comm, self.float_buffers, self._buffer_mean,
-                                     torch.tensor([1.0 / self.size]), True, "buffers")
+    def _round_norms(self) -> torch.Tensor:
+        """The gradient norms that weigh this worker in this round."""
+        if self.fresh_loss is None:
+            if self._norms is None:  # no step yet (a round served by close())
+                self._norms = grawa_weights.grad_norms(self._tensors, self.layerwise)
+            return self._norms
+        loss = scalar_loss(self.fresh_loss(self.model))
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            raise ValueError("fresh_loss(model) must return a scalar loss tensor computed from the model")
+        grads = torch.autograd.grad(loss, self._tensors, allow_unused=True)
+        return grawa_weights.norms_of(grads, self.layerwise)
+
+    def _round(self, number: int, joined: bool = False):
+        """One averaging round; ``joined``: this rank has closed and only takes part."""
+        if joined:
+            healthy = True
+            terms = grawa_weights.local_terms(torch.zeros(len(self._tensors) if self.layerwise else 1,
+                                                          dtype=torch.float64), False)
+        else:
+            healthy = self._healthy()
+            terms = grawa_weights.local_terms(self._smoother(self._round_norms()), self._may_contribute())
+        contributes = grawa_weights.contributes(terms)
+        healthy = healthy and (contributes or joined or self._reset_since_step)  # a non-finite norm is unhealthy too
+        summed = terms.clone()
+        handles = [self.comm.allreduce_async_(summed, name="norms")]
+        handles += post_weighted_sum(self.comm, self.params, self._incoming, grawa_weights.inverse_norms(terms),
+                                     contributes, "centre")
+        handles += post_weighted_sum(self.comm, self.float_buffers, self._buffer_sum, None, contributes, "buffers")
         yield handles
+        count = grawa_weights.healthy_count(summed)
+        if count == 0:
+            raise self._all_diverged(f"averaging round {number}")
+        if joined:
+            return
+        self.last_weights = grawa_weights.weights_from_sums(terms, summed)
+        self._normalise(grawa_weights.inverse_norms(summed))
         self._centre, self._incoming = self._incoming, self._centre
         for key, flat in self.params.items():
             pull_toward_(flat, self._centre[key], self.pull if healthy else 1.0)
-        replace_all_(self.float_buffers, self._buffer_mean)
+        for buf in self._buffer_sum.values():
+            buf.div_(count)
+        replace_all_(self.float_buffers, self._buffer_sum)
         if not healthy:
             self._log_recovery("the GRAWA centre")
+
+    def _normalise(self, total_inverse: torch.Tensor) -> None:
+        """Weighted sums into the centre: divide by the summed weights (per tensor for LGRAWA)."""
+        offset = 0
+        with torch.no_grad():
+            for key, flat in self.params.items():
+                buf = self._incoming[key]
+                if total_inverse.numel() == 1:
+                    buf.div_(float(total_inverse))
+                else:
+                    for view, total in zip(flat.views(buf), total_inverse[offset:offset + len(flat.tensors)].tolist()):
+                        view.div_(total)
+                offset += len(flat.tensors)
 
     def state_dict(self) -> Dict[str, Any]:
         state = self._base_state()
@@ -108,7 +160,7 @@ class GRAWA(DistributedWrapper):
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._load_base_state(state)
+        self._load_base_state(state, required=("smoother", "centre"))
         self._smoother.load_state_dict(state["smoother"])
         for (key, flat), centre in zip(self.params.items(), state["centre"]):
             self._centre.setdefault(key, flat.like()).copy_(centre)

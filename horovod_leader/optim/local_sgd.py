@@ -15,8 +15,10 @@ class LocalSGD(DistributedWrapper):
     the optimizer's step, every worker is replaced by the plain average
     :math:`\bar x = \frac1p \sum_i x_i` (and floating buffers by theirs).
 
-    One all-reduce of the packed parameters per round (with a one-number count of the workers
-    whose parameters are finite: a diverged worker contributes nothing and is reset).
+    One all-reduce of the packed parameters per round (with a one-number count of the healthy
+    workers, those whose parameters and floating buffers are finite: a diverged worker
+    contributes nothing and is reset). When no worker is healthy, every rank raises
+    ``AllWorkersDiverged``.
     """
 
     name = "localsgd"
@@ -34,10 +36,14 @@ class LocalSGD(DistributedWrapper):
         if self._steps % self.period == 0:
             self._run_round(self._steps // self.period)
 
-    def _round(self, number: int):
-        healthy = self._params_finite()
-        yield self._mean.post(self.comm, self.params, self.float_buffers, healthy)
-        self._mean.finish()
+    def _round(self, number: int, joined: bool = False):
+        """One averaging round; ``joined``: this rank has closed and only takes part."""
+        healthy = self._healthy()
+        yield self._mean.post(self.comm, self.params, self.float_buffers, self._may_contribute() and not joined)
+        if not self._mean.finish():
+            raise self._all_diverged(f"averaging round {number}")
+        if joined:
+            return
         replace_all_(self.params, self._mean.params)
         replace_all_(self.float_buffers, self._mean.buffers)
         if not healthy:

@@ -16,10 +16,8 @@ from horovod_leader import fused
 from horovod_leader.election import ScoreWindow, elect_all
 from horovod_leader.flat import FlatBuffer, key_name
 from horovod_leader.optim.base import DistributedWrapper
+from horovod_leader.optim.two_force import TwoForceStep
 from horovod_leader.validation import check_bool, check_fraction, check_int, check_multiple
-
-
-_SGD_HYPERPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
 
 class LSGD(DistributedWrapper):
@@ -41,7 +39,10 @@ class LSGD(DistributedWrapper):
 
     * :math:`a` = ``local_pull`` at a local refresh, plus ``prox / period`` at every step once a
       local copy was received (the authors' per-step proximal pull); 0 otherwise;
-    * :math:`b` = ``global_pull`` at a global refresh, plus ``prox / global_period``.
+    * :math:`b` = ``global_pull`` at a global refresh, plus ``prox / global_period``;
+    * both are exactly 0 on the worker whose copy it is: the leader of a level is never pulled
+      at that level, neither by the refresh nor by the proximal pull toward its own copy, so a
+      worker that always leads follows its optimizer exactly.
 
     With a single group (one node, or ``group_size`` = world size) the group leader is the
     global leader and only the global force acts (plain LSGD).
@@ -51,18 +52,25 @@ class LSGD(DistributedWrapper):
     (``horovod_leader.fused``); for any other optimizer, its own step runs and the two pulls
     are fused after it, evaluated at the pre-step parameters.
 
-    A worker whose score or parameters are not finite never leads; at the next refresh its
-    parameters are reset to the leader's, its optimizer state cleared, and the recovery logged.
+    A worker whose score, parameters or floating buffers are not finite never leads; at the
+    next refresh its parameters are reset to the leader's, its optimizer state cleared, and the
+    recovery logged. When no worker is healthy in a refresh, every rank raises
+    ``AllWorkersDiverged`` naming the step.
 
     ``asynchronous=True`` (the paper's Algorithm 1): workers step at their own pace; refresh
     round n starts when the steps of all workers together reach ``n * size * period`` (with
     one group, ``size * global_period``), counted with one-sided MPI atomics, so a fast worker
-    takes more steps between refreshes than a slow one. The round's score gathering and leader
-    broadcasts are non-blocking: the worker keeps stepping, and the pull
+    takes more steps between refreshes than a slow one. A round is one set of non-blocking
+    collectives posted together: the gathering of the scores, and the broadcasts of the leaders
+    elected from the scores gathered in the *previous* round (so the first round only gathers).
+    Pipelining the election this way makes a round complete as soon as every worker has joined
+    it, with no second exchange that would wait for the slowest worker's next step. The worker
+    keeps stepping while the round is in flight; the pull
     ``x <- x - a (x - x_group) - b (x - x_global)`` is applied to its current parameters when the
-    copies arrive. A worker starts round n+1 only after round n completed, so the copies are
-    at most one round interval old. Ranks may stop at different step counts: ``close()``
-    keeps serving due refreshes until every rank has closed.
+    copies arrive (a leader's own pull is 0). A received copy that is not finite (its sender
+    diverged after it was elected) is discarded. Rounds keep pace with the global count and
+    start at most one round behind it (``horovod_leader.async_schedule``). Ranks may stop at
+    different step counts: ``close()`` keeps serving due refreshes until every rank has closed.
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters.
@@ -100,33 +108,36 @@ class LSGD(DistributedWrapper):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         check_bool("asynchronous", asynchronous)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
-        self._fuse_allowed = fused is not False and self._sgd_over_whole_model()
-        if fused is True and not self._fuse_allowed:
-            raise ValueError("fused=True needs a torch.optim.SGD optimizer over all of the model's parameters")
+        self._update = TwoForceStep(optimizer, self.params, allow_fused=fused is not False)
+        if fused is True and not self._update.fuse_allowed:
+            raise ValueError("fused=True needs a torch.optim.SGD optimizer (the fused kernel is SGD's update)")
         self._multi = self.topology.num_groups > 1
         self._local_leader: Optional[int] = None
         self._global_leader: Optional[int] = None
         self.last_scores: Optional[List[float]] = None
         # Last received leader copies, one flat tensor per packed buffer ("local"/"global"),
-        # and the buffers a broadcast in flight writes into (swapped in when it completes).
+        # the rank each came from, and the buffers a broadcast in flight writes into (swapped
+        # in when it completes).
         self._copies: Dict[str, Dict[str, torch.Tensor]] = {"local": {}, "global": {}}
+        self._copy_source: Dict[str, Optional[int]] = {"local": None, "global": None}
         self._incoming: Dict[str, Dict[str, torch.Tensor]] = {"local": {}, "global": {}}
-        self._grads: Dict[Any, torch.Tensor] = {}
-        self._momentum: Dict[Any, torch.Tensor] = {}
-        self._anchor: Dict[Any, torch.Tensor] = {}
-        self.fused_steps = 0  # how many steps took the fused path (for tests and logs)
         self._setup_rounds(asynchronous, self.period if self._multi else self.global_period)
 
     # ------------------------------------------------------------------ public state
     @property
     def global_leader(self) -> Optional[int]:
-        """Global rank of the current global leader (None before the first global refresh)."""
+        """Global rank of the current global leader (None before the first global election)."""
         return self._global_leader
 
     @property
     def local_leader(self) -> Optional[int]:
         """Global rank of this rank's current group leader (the global leader with one group)."""
         return self._local_leader if self._multi else self._global_leader
+
+    @property
+    def fused_steps(self) -> int:
+        """How many steps took the fused path."""
+        return self._update.fused_steps
 
     # ------------------------------------------------------------------ the step
     def step(self, loss) -> None:
@@ -143,79 +154,115 @@ class LSGD(DistributedWrapper):
         global_refresh = k % self.global_period == 0
         got_local = got_global = False
         if local_refresh or global_refresh:
-            got_local, got_global, healthy = self._refresh(local_refresh, global_refresh)
+            self._driver.start(self._elect_and_receive(local_refresh, global_refresh), block=True)
+            got_local, got_global, healthy = self._driver.result
             if not healthy and (got_local or got_global):
                 self._recover("global" if got_global else "local")
                 return
         a = self._coefficient("local", self.local_pull if got_local else 0.0, self.period) if self._multi else 0.0
         b = self._coefficient("global", self.global_pull if got_global else 0.0, self.global_period)
-        if not (self._fuse_allowed and self._fused_step(a, b)):
-            self._unfused_step(a, b)
+        self._update(a, b, self._leaders_for)
         self._pull_buffers(a, b, got_local, got_global)
 
     def _async_step(self) -> None:
         """Gradient step with the per-step proximal pulls, then count it and serve refreshes."""
         a = self._coefficient("local", 0.0, self.period) if self._multi else 0.0
         b = self._coefficient("global", 0.0, self.global_period)
-        if not (self._fuse_allowed and self._fused_step(a, b)):
-            self._unfused_step(a, b)
+        self._update(a, b, self._leaders_for)
         self._pull_buffers(a, b, False, False)
         self._schedule.after_step(self._round, self._steps)
 
+    def _coefficient(self, level: str, refresh_pull: float, period: int) -> float:
+        """This step's pull toward the ``level`` copy: 0 when this rank sent that copy."""
+        source = self._copy_source[level]
+        if source is None or source == self.rank:
+            return 0.0
+        return refresh_pull + self.prox / period
+
+    # ------------------------------------------------------------------ synchronous refresh
+    def _gather_scores(self, local: bool = False, global_: bool = False, joined: bool = False):
+        """Post the all-gather of this rank's row ``[score, stepping, local, global]``; returns
+        (handle, healthy). The score is +inf when this rank may not lead (unhealthy, just reset,
+        or closed); the other columns announce the round to ranks that closed early."""
+        score = self.scores.score()
+        healthy = math.isfinite(score) and self._healthy()
+        may_lead = healthy and self._may_contribute() and not joined
+        stepping = 0.0 if joined else 1.0
+        mine = torch.tensor([[score if may_lead else math.inf, stepping, stepping * local, stepping * global_]],
+                            dtype=torch.float64)
+        return self.comm.allgather_async(mine, name="scores"), healthy
+
+    def _elect(self, scores: List[float], detail: str = ""):
+        """Leaders of every group and the global leader; every rank raises when none is healthy."""
+        self.last_scores = scores
+        group_leaders, global_leader = elect_all(scores, self.topology.groups)
+        if global_leader is None:
+            raise self._all_diverged(detail)
+        return group_leaders[self.topology.group], global_leader
+
+    def _elect_and_receive(self, local: bool, global_: bool, joined: bool = False):
+        """Synchronous refresh: gather everyone's score, elect the leaders, receive their
+        parameters (a generator of posted collectives, see ``async_schedule``); returns
+        (got_local, got_global, healthy). ``joined``: this rank has closed; it learns from the
+        gathered rows which refresh the stepping ranks run (None when none is stepping)."""
+        handle, healthy = self._gather_scores(local, global_, joined)
+        (table,) = yield [handle]
+        if joined:
+            if float(table[:, 1].sum()) == 0.0:
+                return None
+            local, global_ = bool(table[:, 2].sum() > 0), bool(table[:, 3].sum() > 0)
+        group_leader, global_leader = self._elect(table[:, 0].tolist())
+        levels = []
+        if local and group_leader is not None:  # None: every worker of this group diverged
+            self._local_leader = group_leader
+            levels.append(("local", group_leader))
+        if global_:
+            self._global_leader = global_leader
+            levels.append(("global", global_leader))
+        yield [h for level, leader in levels for h in self._post_receive(level, leader)]
+        for level, leader in levels:
+            self._accept(level, leader)
+        received = {level for level, _ in levels}
+        return "local" in received, "global" in received, healthy
+
+    def _join_rounds(self) -> None:
+        """Synchronous close: take part in the others' refreshes (never leading, never pulled)
+        until every rank has closed."""
+        while True:
+            self._driver.start(self._elect_and_receive(False, False, joined=True), block=True)
+            if self._driver.result is None:
+                return
+
+    # ------------------------------------------------------------------ asynchronous round
     def _round(self, number: int):
-        """Asynchronous refresh round ``number``: gather scores, elect, receive, then pull."""
+        """Asynchronous round ``number``: gather the scores and, at the same time, receive the
+        copies of the leaders elected in the previous round; then pull toward them."""
         global_ = (number * self._schedule.unit) % (self.size * self.global_period) == 0
-        got_local, got_global, healthy = yield from self._elect_and_receive(self._multi, global_)
+        handle, healthy = self._gather_scores()
+        levels = []
+        if self._multi and self._local_leader is not None:
+            levels.append(("local", self._local_leader))
+        if global_ and self._global_leader is not None:
+            levels.append(("global", self._global_leader))
+        results = yield [handle] + [h for level, leader in levels for h in self._post_receive(level, leader)]
+        detail = f"asynchronous round {number}, global step total {self._schedule.last_total}"
+        self._local_leader, self._global_leader = self._elect(results[0][:, 0].tolist(), detail)
+        got = {level: self._accept(level, leader, check_finite=True) for level, leader in levels}
+        got_local, got_global = got.get("local", False), got.get("global", False)
         if not healthy and (got_local or got_global):
             self._recover("global" if got_global else "local")
             return
-        a = self.local_pull if got_local else 0.0
-        b = self.global_pull if got_global else 0.0
+        # The round's pulls; the sender of a copy is not pulled toward it.
+        a = self.local_pull if got_local and self._copy_source["local"] != self.rank else 0.0
+        b = self.global_pull if got_global and self._copy_source["global"] != self.rank else 0.0
         with torch.no_grad():
             for key, flat in self.params.items():
-                local_copy, global_copy = self._leaders_for("param", key, a, b)
+                local_copy, global_copy = self._leaders_for(key, a, b)
                 if local_copy is not None or global_copy is not None:
                     fused.leader_pull_(flat.flat, local_copy, global_copy, local_pull=a, global_pull=b)
         self._pull_buffers(a, b, got_local, got_global)
 
-    def _coefficient(self, level: str, refresh_pull: float, period: int) -> float:
-        prox = self.prox / period if self._copies[level] else 0.0
-        return refresh_pull + prox
-
-    # ------------------------------------------------------------------ refresh: elect + exchange
-    def _refresh(self, local: bool, global_: bool):
-        """Synchronous refresh: elect and receive before this step's update.
-
-        Returns (received_local, received_global, this_rank_healthy).
-        """
-        self._driver.start(self._elect_and_receive(local, global_), block=True)
-        return self._driver.result
-
-    def _elect_and_receive(self, local: bool, global_: bool):
-        """Gather everyone's score, elect the leaders, receive their parameters (a generator of
-        posted collectives, see ``async_schedule``); returns (got_local, got_global, healthy)."""
-        topo = self.topology
-        score = self.scores.score()
-        healthy = math.isfinite(score) and self._params_finite()
-        mine = torch.tensor([score if healthy else math.inf], dtype=torch.float64)
-        (gathered,) = yield [self.comm.allgather_async(mine, name="scores")]
-        scores = gathered.tolist()
-        self.last_scores = scores
-        group_leaders, global_leader = elect_all(scores, topo.groups)
-        handles, levels = [], []
-        if local and group_leaders[topo.group] is not None:
-            self._local_leader = group_leaders[topo.group]
-            handles += self._post_receive("local", self._local_leader, topo.process_set)
-            levels.append("local")
-        if global_ and global_leader is not None:
-            self._global_leader = global_leader
-            handles += self._post_receive("global", global_leader, self.comm.global_process_set)
-            levels.append("global")
-        yield handles
-        for level in levels:  # the copies in flight become the current ones
-            self._copies[level], self._incoming[level] = self._incoming[level], self._copies[level]
-        return "local" in levels, "global" in levels, healthy
-
+    # ------------------------------------------------------------------ exchanging copies
     def _exchanged(self) -> Dict[str, FlatBuffer]:
         """Every packed buffer that travels with the leader, by a rank-independent name."""
         out = {"param." + key_name(k): f for k, f in self.params.items()}
@@ -223,8 +270,9 @@ class LSGD(DistributedWrapper):
         out.update({"obuf." + key_name(k): f for k, f in self.other_buffers.items()})
         return out
 
-    def _post_receive(self, level: str, leader: int, process_set) -> list:
+    def _post_receive(self, level: str, leader: int) -> list:
         """Post the leader's broadcast of every exchanged buffer into the incoming buffers."""
+        process_set = self.topology.process_set if level == "local" else self.comm.global_process_set
         incoming = self._incoming[level]
         handles = []
         for name, flat in self._exchanged().items():
@@ -236,112 +284,43 @@ class LSGD(DistributedWrapper):
             handles.append(self.comm.broadcast_async_(buf, leader, name=f"{level}.{name}", process_set=process_set))
         return handles
 
+    def _accept(self, level: str, leader: int, check_finite: bool = False) -> bool:
+        """The copy in flight becomes the current one (unless it is not finite)."""
+        incoming = self._incoming[level]
+        if check_finite and not all(bool(torch.isfinite(t).all()) for t in incoming.values()
+                                    if t.is_floating_point()):
+            return False
+        self._copies[level], self._incoming[level] = incoming, self._copies[level]
+        self._copy_source[level] = leader
+        return True
+
     # ------------------------------------------------------------------ applying the forces
-    def _leaders_for(self, kind: str, key, a: float, b: float):
+    def _leaders_for(self, key, a: float, b: float, kind: str = "param"):
         name = f"{kind}.{key_name(key)}"
         local = self._copies["local"].get(name) if a else None
         glob = self._copies["global"].get(name) if b else None
         return local, glob
 
-    def _sgd_over_whole_model(self) -> bool:
-        if type(self.optimizer) is not torch.optim.SGD:
-            return False
-        in_optimizer = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        in_model = {id(p) for flat in self.params.values() for p in flat.tensors}
-        return in_optimizer == in_model
-
-    def _fused_step(self, a: float, b: float) -> bool:
-        """The whole update as one fused pass per buffer; False when this step cannot fuse."""
-        groups = self.optimizer.param_groups
-        hyper = {name: groups[0][name] for name in _SGD_HYPERPARAMS}
-        if any(g.get("maximize", False) for g in groups) or any(
-                any(g[name] != hyper[name] for name in _SGD_HYPERPARAMS) for g in groups[1:]):
-            return False
-        for flat in self.params.values():
-            if any(p.grad is None or p.grad.is_sparse for p in flat.tensors):
-                return False
-        momentum = float(hyper["momentum"])
-        plans = []
-        for key, flat in self.params.items():
-            first_step, buf = False, None
-            if momentum != 0.0:
-                state = self._momentum_state(key, flat)
-                if state is None:
-                    return False
-                first_step, buf = state
-            plans.append((key, flat, first_step, buf))
-        with torch.no_grad():
-            for key, flat, first_step, buf in plans:
-                grad = self._grads.get(key)
-                if grad is None:
-                    grad = self._grads[key] = flat.like()
-                flat.gather_grads(grad)
-                local, glob = self._leaders_for("param", key, a, b)
-                fused.two_force_update_(flat.flat, grad, buf, local, glob, lr=float(hyper["lr"]), momentum=momentum,
-                                        dampening=float(hyper["dampening"]), weight_decay=float(hyper["weight_decay"]),
-                                        nesterov=bool(hyper["nesterov"]), local_pull=a, global_pull=b,
-                                        first_step=first_step)
-                if first_step:  # from now on SGD's state is a view of our flat momentum buffer
-                    for p, view in zip(flat.tensors, flat.views(buf)):
-                        self.optimizer.state[p]["momentum_buffer"] = view
-        self.fused_steps += 1
-        return True
-
-    def _momentum_state(self, key, flat: FlatBuffer):
-        """(first_step, flat momentum buffer) keeping SGD's per-parameter state as its views,
-        or None when some parameters have a buffer and others not (cannot fuse)."""
-        buf = self._momentum.get(key)
-        if buf is None:
-            buf = self._momentum[key] = flat.like(0.0)
-        existing = [self.optimizer.state[p].get("momentum_buffer") if p in self.optimizer.state else None
-                    for p in flat.tensors]
-        if all(e is None for e in existing):
-            return True, buf
-        if any(e is None for e in existing):
-            return None
-        for p, view, current in zip(flat.tensors, flat.views(buf), existing):
-            if current.data_ptr() != view.data_ptr():  # e.g. after load_state_dict or unfused steps
-                view.copy_(current)
-                self.optimizer.state[p]["momentum_buffer"] = view
-        return False, buf
-
-    def _unfused_step(self, a: float, b: float) -> None:
-        """The wrapped optimizer's own step, then both pulls fused, evaluated at the pre-step x."""
-        pulling = a != 0.0 or b != 0.0
-        if pulling:
-            for key, flat in self.params.items():
-                anchor = self._anchor.get(key)
-                if anchor is None:
-                    anchor = self._anchor[key] = flat.like()
-                anchor.copy_(flat.flat)
-        self.optimizer.step()
-        if pulling:
-            with torch.no_grad():
-                for key, flat in self.params.items():
-                    local, glob = self._leaders_for("param", key, a, b)
-                    fused.leader_pull_(flat.flat, local, glob, local_pull=a, global_pull=b, anchor=self._anchor[key])
-
     def _pull_buffers(self, a: float, b: float, got_local: bool, got_global: bool) -> None:
         with torch.no_grad():
             for key, flat in self.float_buffers.items():
-                local, glob = self._leaders_for("fbuf", key, a, b)
+                local, glob = self._leaders_for(key, a, b, kind="fbuf")
                 if local is not None or glob is not None:
                     fused.leader_pull_(flat.flat, local, glob, local_pull=a, global_pull=b)
-            # Integer buffers (e.g. batch-norm's num_batches_tracked) cannot be averaged: take the leader's.
+            # Integer buffers (e.g. batch-norm's num_batches_tracked) cannot be averaged: take
+            # the leader's, unless this rank is that leader.
             level = "global" if got_global else ("local" if got_local else None)
-            if level is not None:
+            if level is not None and self._copy_source[level] != self.rank:
                 for key, flat in self.other_buffers.items():
                     flat.flat.copy_(self._copies[level]["obuf." + key_name(key)])
 
     def _recover(self, level: str) -> None:
         """This worker diverged: take the leader's parameters and buffers, restart the optimizer state."""
-        leader = self._global_leader if level == "global" else self._local_leader
         with torch.no_grad():
             for name, flat in self._exchanged().items():
                 flat.flat.copy_(self._copies[level][name])
-        self._log_recovery(f"the {level} leader's (rank {leader}) parameters")
-        for buf in self._momentum.values():
-            buf.zero_()
+        self._log_recovery(f"the {level} leader's (rank {self._copy_source[level]}) parameters")
+        self._update.reset_momentum()
         self.scores = ScoreWindow(self.scores.window)
 
     # ------------------------------------------------------------------ checkpointing
@@ -351,12 +330,13 @@ class LSGD(DistributedWrapper):
             "scores": self.scores.state_dict(),
             "local_leader": self._local_leader,
             "global_leader": self._global_leader,
+            "copy_source": dict(self._copy_source),
             "copies": {level: {name: t.clone() for name, t in copies.items()} for level, copies in self._copies.items()},
         })
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._load_base_state(state)
+        self._load_base_state(state, required=("scores", "local_leader", "global_leader", "copies"))
         self.scores.load_state_dict(state["scores"])
         self._local_leader = state["local_leader"]
         self._global_leader = state["global_leader"]
@@ -366,3 +346,7 @@ class LSGD(DistributedWrapper):
                 if name not in exchanged:
                     raise ValueError(f"state_dict holds a leader copy {name!r} that this model does not have")
                 self._copies[level].setdefault(name, exchanged[name].like()).copy_(tensor)
+        # Older checkpoints name no source: the copy came from that level's leader.
+        default = {"local": self.local_leader if self._copies["local"] else None,
+                   "global": self._global_leader if self._copies["global"] else None}
+        self._copy_source = {level: state.get("copy_source", default).get(level) for level in ("local", "global")}

@@ -68,10 +68,11 @@ with check("grawa_norm_edge_cases"):
         return model.weight
 
     # rank 1's gradient is zero, rank 2's NaN: finite weights; the zero-norm worker dominates
-    # and the NaN one does not count.
+    # and the NaN one does not count (it is reset to the centre).
     assert torch.allclose(edge_case([1.0, 0.0, float("nan"), 1.0][rank]), torch.full((1, 3), 2.0), rtol=1e-6)
-    # every norm non-finite: equal weights, the plain mean
-    assert torch.allclose(edge_case(float("inf")), torch.full((1, 3), 2.5))
+    # every norm non-finite: no healthy worker is left, and every rank says so
+    with pytest.raises(hl.AllWorkersDiverged, match="every worker diverged at step 1"):
+        edge_case(float("inf"))
 
 with check("grawa_equals_localsgd"):
     results = []

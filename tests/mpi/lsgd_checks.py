@@ -108,8 +108,9 @@ with check("comm_bytes"):
         loss = model(torch.randn(8, 50)).pow(2).mean()
         loss.backward()
         opt.step(loss)
-    # 3 refreshes, each: the leader's parameters (P bytes) plus an 8-byte score; not 4 x P.
-    assert opt.comm_bytes - start == 3 * (payload + 8), (opt.comm_bytes - start, payload)
+    # 3 refreshes, each: the leader's parameters (P bytes) plus a 32-byte row (score and the
+    # round's announcement); not 4 x P.
+    assert opt.comm_bytes - start == 3 * (payload + 32), (opt.comm_bytes - start, payload)
 
     hl.init(group_size=2)
     model = nn.Sequential(nn.Linear(50, 20), nn.Tanh(), nn.Linear(20, 3))
@@ -120,8 +121,8 @@ with check("comm_bytes"):
         loss = model(torch.randn(8, 50)).pow(2).mean()
         loss.backward()
         opt.step(loss)
-    # 4 local refreshes (P each), 2 global ones (P each), 4 score exchanges (8 bytes each).
-    assert opt.comm_bytes - start == 6 * payload + 4 * 8, (opt.comm_bytes - start, payload)
+    # 4 local refreshes (P each), 2 global ones (P each), 4 score exchanges (32-byte rows).
+    assert opt.comm_bytes - start == 6 * payload + 4 * 32, (opt.comm_bytes - start, payload)
 
 with check("only_leader_parameters_travel"):
     # With a pull of 1 every worker becomes exactly the leader: what arrived is the leader's x.
