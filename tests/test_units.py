@@ -82,23 +82,27 @@ def test_pack_shares_memory_and_keeps_values():
 
 
 def test_grawa_weights_arithmetic():
-    from horovod_leader.grawa_weights import NormSmoother, local_terms, weights_from_sums
+    from horovod_leader.grawa_weights import NormSmoother, healthy_count, local_terms, weights_from_sums
 
     norms = [torch.tensor([n], dtype=torch.float64) for n in (1.0, 2.0, 4.0, 4.0)]
     terms = [local_terms(n) for n in norms]
     summed = sum(terms)
-    weights = [float(weights_from_sums(t, summed, 4)) for t in terms]
-    assert weights == pytest.approx([0.5, 0.25, 0.125, 0.125])
-    # zero norm: finite, dominant; NaN norm: weight 0; unhealthy worker: weight 0
+    weights = [float(weights_from_sums(t, summed)) for t in terms]
+    assert weights == pytest.approx([0.5, 0.25, 0.125, 0.125]) and healthy_count(summed) == 4
+    # zero norm: finite, dominant; NaN norm and unhealthy worker: weight 0, not counted
     edge = [local_terms(torch.tensor([v], dtype=torch.float64)) for v in (0.0, math.nan, 1.0)]
     edge.append(local_terms(torch.tensor([1.0], dtype=torch.float64), healthy=False))
     summed = sum(edge)
-    weights = [float(weights_from_sums(t, summed, 4)) for t in edge]
+    weights = [float(weights_from_sums(t, summed)) for t in edge]
     assert all(math.isfinite(w) for w in weights)
     assert weights[0] == pytest.approx(1.0) and weights[1] == 0.0 and weights[3] == 0.0
-    # nobody finite: equal weights
+    assert healthy_count(summed) == 2
+    # nobody healthy: the count says so (the wrapper then raises AllWorkersDiverged)
     none = [local_terms(torch.tensor([math.inf], dtype=torch.float64)) for _ in range(4)]
-    assert [float(weights_from_sums(t, sum(none), 4)) for t in none] == [0.25] * 4
+    assert healthy_count(sum(none)) == 0
+    # per-tensor (LGRAWA) terms: one inverse norm per tensor and one flag
+    layer = local_terms(torch.tensor([1.0, 4.0], dtype=torch.float64))
+    assert layer.tolist() == [1.0, 0.25, 1.0]
     # bias-corrected smoothing: a constant input comes out unchanged from the first round
     smoother = NormSmoother(0.43)
     assert float(smoother(torch.tensor([3.0], dtype=torch.float64))) == pytest.approx(3.0)
