@@ -9,7 +9,8 @@ Where things are:
 * ``comm.py``       Horovod collectives with ``comm_bytes`` accounting
 * ``grawa_weights.py`` GRAWA's inverse-gradient-norm weights
 * ``optim/``        the wrappers: ``LSGD``, ``GRAWA``, ``EASGD``, ``LocalSGD``, ``DataParallel``,
-                    ``OneSidedEASGD``
+                    ``OneSidedEASGD``, ``DiLoCo``
+* ``compression.py`` bf16 and int8 payloads for compressed exchanges
 * ``errors.py``     ``AllWorkersDiverged``, raised on every rank together
 
 ``import horovod_leader`` works without Horovod installed; only the communicating parts
@@ -17,9 +18,9 @@ Where things are:
 """
 from horovod_leader import fused
 from horovod_leader.errors import AllWorkersDiverged
-from horovod_leader.optim import EASGD, GRAWA, LSGD, DataParallel, LocalSGD, OneSidedEASGD
+from horovod_leader.optim import EASGD, GRAWA, LSGD, DataParallel, DiLoCo, LocalSGD, OneSidedEASGD
 from horovod_leader.topology import Topology, init
 
 __version__ = "0.1.0"
-__all__ = ["init", "Topology", "LSGD", "GRAWA", "EASGD", "LocalSGD", "DataParallel", "OneSidedEASGD",
+__all__ = ["init", "Topology", "LSGD", "GRAWA", "EASGD", "LocalSGD", "DataParallel", "OneSidedEASGD", "DiLoCo",
            "AllWorkersDiverged", "fused", "__version__"]

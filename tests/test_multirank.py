@@ -37,7 +37,7 @@ def test_grawa_and_baselines():
 
 
 def test_every_method_trains_digits():
-    methods = ["lsgd", "mgrawa", "lgrawa", "easgd", "localsgd", "dp"]
+    methods = ["lsgd", "mgrawa", "lgrawa", "easgd", "localsgd", "dp", "diloco", "lsgd_int8"]
     result = run_mpi("digits_methods_checks.py", ",".join(methods), timeout=600)
     expect_passes(result, [f"digits_{m}" for m in methods])
     for m in methods:
@@ -132,3 +132,10 @@ def test_uneven_steps_and_dataparallel_habits():
                   + ["localsgd_uneven_average_is_over_stepping_ranks", "dp_clip_skip_synchronize", "dp_uneven_average",
                      "fused_step_hooks_and_scheduler", "fused_per_group_weight_decay_and_frozen",
                      "errors_and_inputs"])
+
+
+def test_diloco_and_compression():
+    result = run_mpi("compression_checks.py", timeout=400)
+    wrappers = ["lsgd1", "lsgd2", "lsgd1_async", "mgrawa", "lgrawa", "grawa_async", "easgd", "localsgd", "diloco"]
+    expect_passes(result, ["diloco_outer_step", "diloco_state_dict_resumes", "compression_bytes",
+                           "compression_copy_precision"] + [f"compression_every_wrapper_{w}" for w in wrappers])

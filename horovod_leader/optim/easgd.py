@@ -5,6 +5,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from horovod_leader.compression import check_compression
 from horovod_leader.optim.averaging import MeanRound, post_weighted_sum, pull_toward_, replace_all_
 from horovod_leader.optim.base import DistributedWrapper
 from horovod_leader.validation import check_bool, check_int, check_real
@@ -35,21 +36,25 @@ class EASGD(DistributedWrapper):
     the elastic pull acts on the worker's current parameters when the mean arrives. The EASGD
     paper's own asynchronous algorithm, with no rounds and no collectives (a sharded centre in
     MPI windows), is ``OneSidedEASGD``.
+
+    ``compression="bf16"``/``"int8"``: each worker sends its difference from the centre,
+    compressed, in an all-gather (``horovod_leader.compression``).
     """
 
     name = "easgd"
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4,
                  beta: float = 0.9, alpha: Optional[float] = None, *, asynchronous: bool = False,
-                 broadcast_buffers: bool = True, topology=None):
+                 compression: Optional[str] = None, broadcast_buffers: bool = True, topology=None):
         self.period = check_int("period", period)
         self.beta = check_real("beta", beta, 0.0, 1.0, low_open=True)
         if alpha is not None:
             check_real("alpha", alpha, 0.0, 1.0, low_open=True)
         check_bool("asynchronous", asynchronous)
+        self.compression = check_compression(compression)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
         self.alpha = self.beta / self.size if alpha is None else float(alpha)
-        self._mean = MeanRound()
+        self._mean = MeanRound(self.compression)
         self.centre: Dict[Any, torch.Tensor] = {}
         for handle in post_weighted_sum(self.comm, self.params, self.centre, torch.tensor([1.0 / self.size]), True,
                                         "init"):
@@ -68,8 +73,9 @@ class EASGD(DistributedWrapper):
         """One elastic round; ``joined``: this rank has closed, adds nothing and is not pulled,
         but keeps its replica of the centre up to date."""
         healthy = self._healthy() or joined
-        yield self._mean.post(self.comm, self.params, self.float_buffers, self._may_contribute() and not joined)
-        if not self._mean.finish():
+        results = yield self._mean.post(self.comm, self.params, self.float_buffers,
+                                        self._may_contribute() and not joined, refs=self.centre)
+        if not self._mean.finish(results):
             raise self._all_diverged(f"elastic round {number}")
         mean = self._mean.params
         with torch.no_grad():

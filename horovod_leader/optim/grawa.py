@@ -6,7 +6,8 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from horovod_leader import grawa_weights
-from horovod_leader.optim.averaging import post_weighted_sum, pull_toward_, replace_all_
+from horovod_leader.compression import check_compression
+from horovod_leader.optim.averaging import CompressedGather, post_weighted_sum, pull_toward_, replace_all_
 from horovod_leader.optim.base import DistributedWrapper, scalar_loss
 from horovod_leader.validation import check_bool, check_fraction, check_int, check_real
 
@@ -50,6 +51,9 @@ class GRAWA(DistributedWrapper):
     its collectives run while the worker keeps stepping, and the pull is applied to the
     worker's current parameters when the centre arrives (at most one round behind the count).
 
+    ``compression="bf16"``/``"int8"``: the norms are all-gathered, and each worker's difference
+    from the last centre travels compressed in an all-gather (``horovod_leader.compression``).
+
     Defaults are the authors' (CIFAR-10, ResNet-20, 4 workers): ``period=32``, ``pull=0.5``;
     their ``prox`` is 0.01 and their ``norm_decay`` 0.9^8 (both off here by default).
     """
@@ -59,7 +63,7 @@ class GRAWA(DistributedWrapper):
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 32,
                  pull: float = 0.5, layerwise: bool = False, prox: float = 0.0, norm_decay: float = 0.0, *,
                  fresh_loss: Optional[Callable[[torch.nn.Module], Any]] = None, asynchronous: bool = False,
-                 broadcast_buffers: bool = True, topology=None):
+                 compression: Optional[str] = None, broadcast_buffers: bool = True, topology=None):
         self.period = check_int("period", period)
         self.pull = check_fraction("pull", pull)
         self.layerwise = check_bool("layerwise", layerwise)
@@ -69,6 +73,7 @@ class GRAWA(DistributedWrapper):
             raise ValueError(f"fresh_loss must be None or a callable fresh_loss(model) -> loss, "
                              f"got {type(fresh_loss).__name__}")
         self.fresh_loss = fresh_loss
+        self.compression = check_compression(compression)
         check_bool("asynchronous", asynchronous)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
         self._tensors = [t for flat in self.params.values() for t in flat.tensors]  # packing order
@@ -77,6 +82,7 @@ class GRAWA(DistributedWrapper):
         self._incoming: Dict[Any, torch.Tensor] = {}   # the weighted sum being all-reduced
         self._buffer_sum: Dict[Any, torch.Tensor] = {}
         self._norms: Optional[torch.Tensor] = None
+        self._gather = CompressedGather(self.compression) if self.compression else None
         self.last_weights = None  # this worker's weights in the last round (one, or one per tensor)
         self._setup_rounds(asynchronous, self.period)
 
@@ -118,19 +124,31 @@ class GRAWA(DistributedWrapper):
             terms = grawa_weights.local_terms(self._smoother(self._round_norms()), self._may_contribute())
         contributes = grawa_weights.contributes(terms)
         healthy = healthy and (contributes or joined or self._reset_since_step)  # a non-finite norm is unhealthy too
-        summed = terms.clone()
-        handles = [self.comm.allreduce_async_(summed, name="norms")]
-        handles += post_weighted_sum(self.comm, self.params, self._incoming, grawa_weights.inverse_norms(terms),
-                                     contributes, "centre")
+        if self._gather is None:
+            summed = terms.clone()
+            handles = [self.comm.allreduce_async_(summed, name="norms")]
+            handles += post_weighted_sum(self.comm, self.params, self._incoming, grawa_weights.inverse_norms(terms),
+                                         contributes, "centre")
+        else:  # every worker's terms, and its compressed difference from the last centre
+            handles = [self.comm.allgather_async(terms.reshape(1, -1), name="norms")]
+            handles += self._gather.post(self.comm, self.params, self._centre, contributes, "centre")
         handles += post_weighted_sum(self.comm, self.float_buffers, self._buffer_sum, None, contributes, "buffers")
-        yield handles
+        results = yield handles
+        if self._gather is not None:
+            summed = results[0].sum(0)
         count = grawa_weights.healthy_count(summed)
         if count == 0:
             raise self._all_diverged(f"averaging round {number}")
         if joined:
             return
         self.last_weights = grawa_weights.weights_from_sums(terms, summed)
-        self._normalise(grawa_weights.inverse_norms(summed))
+        if self._gather is None:
+            self._normalise(grawa_weights.inverse_norms(summed))
+        else:
+            inverse = results[0][:, :-1]
+            weights = inverse / inverse.sum(0).clamp_min(torch.finfo(torch.float64).tiny)
+            self._gather.combine(results[1:], self.params, self._centre,
+                                 weights if self.layerwise else weights[:, 0], self._incoming)
         self._centre, self._incoming = self._incoming, self._centre
         for key, flat in self.params.items():
             pull_toward_(flat, self._centre[key], self.pull if healthy else 1.0)

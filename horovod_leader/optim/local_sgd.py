@@ -1,10 +1,11 @@
 """Local SGD (periodic model averaging): every ``period`` steps, replace every worker by the mean."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
+from horovod_leader.compression import check_compression
 from horovod_leader.optim.averaging import MeanRound, replace_all_
 from horovod_leader.optim.base import DistributedWrapper
 from horovod_leader.validation import check_int
@@ -18,16 +19,19 @@ class LocalSGD(DistributedWrapper):
     One all-reduce of the packed parameters per round (with a one-number count of the healthy
     workers, those whose parameters and floating buffers are finite: a diverged worker
     contributes nothing and is reset). When no worker is healthy, every rank raises
-    ``AllWorkersDiverged``.
+    ``AllWorkersDiverged``. ``compression="bf16"``/``"int8"``: each worker sends its difference
+    from the last average, compressed, in an all-gather (``horovod_leader.compression``).
     """
 
     name = "localsgd"
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4, *,
-                 broadcast_buffers: bool = True, topology=None):
+                 compression: Optional[str] = None, broadcast_buffers: bool = True, topology=None):
         self.period = check_int("period", period)
+        self.compression = check_compression(compression)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
-        self._mean = MeanRound()
+        self._mean = MeanRound(self.compression)
+        self._last_average: Dict = {}  # the reference of compressed rounds: the same on every rank
         self._setup_rounds(False, self.period)
 
     def step(self, loss=None) -> None:
@@ -39,9 +43,12 @@ class LocalSGD(DistributedWrapper):
     def _round(self, number: int, joined: bool = False):
         """One averaging round; ``joined``: this rank has closed and only takes part."""
         healthy = self._healthy()
-        yield self._mean.post(self.comm, self.params, self.float_buffers, self._may_contribute() and not joined)
-        if not self._mean.finish():
+        results = yield self._mean.post(self.comm, self.params, self.float_buffers,
+                                        self._may_contribute() and not joined, refs=self._last_average)
+        if not self._mean.finish(results):
             raise self._all_diverged(f"averaging round {number}")
+        if self.compression:
+            self._last_average = {key: mean.clone() for key, mean in self._mean.params.items()}
         if joined:
             return
         replace_all_(self.params, self._mean.params)

@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from horovod_leader import fused
+from horovod_leader import compression, fused
+from horovod_leader.compression import check_compression
 from horovod_leader.election import ScoreWindow, elect_all
 from horovod_leader.flat import FlatBuffer, key_name
 from horovod_leader.optim.base import DistributedWrapper
@@ -86,6 +87,9 @@ class LSGD(DistributedWrapper):
         broadcast_buffers: send the leader's buffers (batch-norm statistics) with its
             parameters; floating buffers are pulled like parameters, others are copied.
         asynchronous: run the asynchronous variant described above.
+        compression: ``None``, ``"bf16"`` or ``"int8"``: the leaders' parameters and floating
+            buffers travel as the compressed difference from the copy every receiver already
+            holds (``horovod_leader.compression``): 1/2 or about 1/4 of the bytes.
         fused: ``None`` (auto: fuse when the optimizer is plain SGD), ``False`` never.
         topology: a ``Topology`` from ``horovod_leader.init``; default: the current one.
     """
@@ -95,7 +99,8 @@ class LSGD(DistributedWrapper):
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4,
                  global_period: Optional[int] = None, local_pull: float = 0.1, global_pull: float = 0.1,
                  prox: float = 0.0, score_window: Optional[int] = None, *, asynchronous: bool = False,
-                 broadcast_buffers: bool = True, fused: Optional[bool] = None, topology=None):
+                 compression: Optional[str] = None, broadcast_buffers: bool = True, fused: Optional[bool] = None,
+                 topology=None):
         # Validate everything before the base class communicates.
         self.period = check_int("period", period)
         self.global_period = self.period if global_period is None else check_int("global_period", global_period)
@@ -107,6 +112,7 @@ class LSGD(DistributedWrapper):
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         check_bool("asynchronous", asynchronous)
+        self.compression = check_compression(compression)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
         self._update = TwoForceStep(optimizer, self.params, allow_fused=fused is not False)
         if fused is True and not self._update.fuse_allowed:
@@ -121,6 +127,7 @@ class LSGD(DistributedWrapper):
         self._copies: Dict[str, Dict[str, torch.Tensor]] = {"local": {}, "global": {}}
         self._copy_source: Dict[str, Optional[int]] = {"local": None, "global": None}
         self._incoming: Dict[str, Dict[str, torch.Tensor]] = {"local": {}, "global": {}}
+        self._payloads: Dict[str, list] = {"local": [], "global": []}  # compressed broadcasts in flight
         self._setup_rounds(asynchronous, self.period if self._multi else self.global_period)
 
     # ------------------------------------------------------------------ public state
@@ -271,14 +278,28 @@ class LSGD(DistributedWrapper):
         return out
 
     def _post_receive(self, level: str, leader: int) -> list:
-        """Post the leader's broadcast of every exchanged buffer into the incoming buffers."""
+        """Post the leader's broadcast of every exchanged buffer into the incoming buffers.
+
+        With ``compression``, a floating buffer travels as the compressed difference from the
+        copy of that level that every rank of the level already holds (zeros before the
+        first), and is decoded on arrival (``_accept``)."""
         process_set = self.topology.process_set if level == "local" else self.comm.global_process_set
         incoming = self._incoming[level]
-        handles = []
+        handles, self._payloads[level] = [], []
         for name, flat in self._exchanged().items():
             buf = incoming.get(name)
             if buf is None:
                 buf = incoming[name] = flat.like()
+            if self.compression and flat.flat.is_floating_point():
+                ref = self._copies[level].get(name)
+                if self.rank == leader:
+                    payload = compression.encode(self.compression, flat.flat - ref if ref is not None else flat.flat)
+                else:
+                    payload = compression.payload_like(self.compression, flat.numel)
+                self._payloads[level].append((name, ref, payload))
+                handles += [self.comm.broadcast_async_(part, leader, name=f"{level}.{name}.{j}", process_set=process_set)
+                            for j, part in enumerate(payload)]
+                continue
             if self.rank == leader:
                 buf.copy_(flat.flat)
             handles.append(self.comm.broadcast_async_(buf, leader, name=f"{level}.{name}", process_set=process_set))
@@ -287,6 +308,10 @@ class LSGD(DistributedWrapper):
     def _accept(self, level: str, leader: int, check_finite: bool = False) -> bool:
         """The copy in flight becomes the current one (unless it is not finite)."""
         incoming = self._incoming[level]
+        for name, ref, payload in self._payloads[level]:  # decode compressed copies: ref + difference
+            decoded = compression.decode(self.compression, payload, incoming[name].numel())
+            incoming[name].copy_(decoded + ref if ref is not None else decoded)
+        self._payloads[level] = []
         if check_finite and not all(bool(torch.isfinite(t).all()) for t in incoming.values()
                                     if t.is_floating_point()):
             return False

@@ -10,7 +10,7 @@ from horovod_leader.models import DigitsCNN
 from _common import check, evaluated_accuracy, train_steps, value
 
 STEPS = 320
-methods = sys.argv[1].split(",") if len(sys.argv) > 1 else ["lsgd", "mgrawa", "lgrawa", "easgd", "localsgd", "dp"]
+methods = sys.argv[1].split(",") if len(sys.argv) > 1 else ["lsgd", "mgrawa", "lgrawa", "easgd", "localsgd", "dp", "diloco", "lsgd_int8"]
 topo = hl.init(group_size=2)
 rank, size = topo.rank, topo.size
 train, test = digits()
@@ -23,6 +23,11 @@ make = {
     "easgd": lambda o, m: hl.EASGD(o, m, period=4, beta=0.9),
     "localsgd": lambda o, m: hl.LocalSGD(o, m, period=4),
     "dp": lambda o, m: hl.DataParallel(o, m),
+    # The paper's pairing: AdamW inside, Nesterov outside (SGD with momentum inside diverges
+    # under the paper's outer momentum 0.9).
+    "diloco": lambda o, m: hl.DiLoCo(torch.optim.AdamW(m.parameters(), lr=1e-3), m, period=8, outer_lr=0.7,
+                                     outer_momentum=0.9),
+    "lsgd_int8": lambda o, m: hl.LSGD(o, m, period=4, global_period=16, compression="int8"),
 }
 
 

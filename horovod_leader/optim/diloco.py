@@ -1,0 +1,121 @@
+r"""DiLoCo: local inner steps, then an outer Nesterov step on the averaged pseudo-gradient."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from horovod_leader.compression import check_compression
+from horovod_leader.optim.averaging import MeanRound, replace_all_
+from horovod_leader.optim.base import DistributedWrapper
+from horovod_leader.validation import check_bool, check_int, check_real
+
+
+class DiLoCo(DistributedWrapper):
+    r"""DiLoCo (Douillard et al. 2023, arXiv 2311.08105) over Horovod.
+
+    Every worker runs ``period`` = H inner steps with the wrapped (inner) optimizer; the paper
+    uses AdamW. Then, with :math:`\theta` the outer parameters that every worker started the
+    round from and :math:`\theta_i` the workers' parameters after their inner steps:
+
+    .. math::
+
+        \Delta = \theta - \frac1{n}\sum_{i\ \text{healthy}} \theta_i, \qquad
+        m \leftarrow \mu\,m + \Delta, \qquad
+        \theta \leftarrow \theta - \eta_{out}\,(\Delta + \mu\,m) \ \ (\text{Nesterov; else } \theta - \eta_{out} m)
+
+    exactly ``torch.optim.SGD(lr=outer_lr, momentum=outer_momentum, nesterov=nesterov)`` on the
+    pseudo-gradient :math:`\Delta` (it *is* that optimizer, over a copy of the parameters, so its
+    first step sets :math:`m = \Delta`). Every worker then restarts from the new :math:`\theta`.
+    One all-reduce per round (the parameters' sum, with a count of the healthy workers);
+    floating buffers (batch-norm statistics) are replaced by their plain mean. With the outer
+    learning rate 1 and no momentum it is local SGD.
+
+    Shared conventions: ``step(loss)``, ``comm_bytes``, ``close()`` (ranks may stop at different
+    step counts: one that closed early adds nothing to the mean, but keeps its outer state up
+    to date), ``state_dict`` (with the outer parameters and the outer momentum), argument
+    checks, and health: a worker whose parameters or buffers are not finite enters no mean and
+    restarts from the new :math:`\theta`; with no healthy worker, every rank raises
+    ``AllWorkersDiverged``. ``compression="bf16"``/``"int8"`` sends each worker's
+    :math:`\theta_i - \theta` compressed (``horovod_leader.compression``).
+
+    Args:
+        optimizer: the inner optimizer over ``model``'s parameters.
+        model: the model; rank 0's parameters and floating buffers are broadcast to every rank
+            at construction and become the first :math:`\theta`.
+        period: H, inner steps per round (default 500, the paper's; small models want fewer).
+        outer_lr: :math:`\eta_{out}` (paper: 0.7).
+        outer_momentum: :math:`\mu` (paper: 0.9).
+        nesterov: Nesterov momentum (paper: True).
+    """
+
+    name = "diloco"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 500,
+                 outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True, *,
+                 compression: Optional[str] = None, broadcast_buffers: bool = True, topology=None):
+        self.period = check_int("period", period)
+        self.outer_lr = check_real("outer_lr", outer_lr, 0.0, float("inf"), low_open=True)
+        self.outer_momentum = check_real("outer_momentum", outer_momentum, 0.0, 1.0, high_open=True)
+        self.nesterov = check_bool("nesterov", nesterov)
+        if self.nesterov and self.outer_momentum == 0.0:
+            raise ValueError("nesterov=True needs outer_momentum > 0 (as torch.optim.SGD)")
+        self.compression = check_compression(compression)
+        super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
+        self._mean = MeanRound(self.compression)
+        # Every worker starts each round from the same outer parameters: rank 0's, to begin with.
+        for name, flat in self._exchanged_at_start().items():
+            self.comm.wait(self.comm.broadcast_async_(flat.flat, 0, name=f"start.{name}"))
+        # The outer parameters: a copy of the packed buffers, stepped by a real torch.optim.SGD.
+        self.outer: Dict[Any, torch.Tensor] = {key: flat.flat.detach().clone() for key, flat in self.params.items()}
+        self._outer_params = [torch.nn.Parameter(t, requires_grad=False) for t in self.outer.values()]
+        self.outer_optimizer = torch.optim.SGD(self._outer_params, lr=self.outer_lr, momentum=self.outer_momentum,
+                                               nesterov=self.nesterov)
+        self._setup_rounds(False, self.period)
+
+    def _exchanged_at_start(self) -> Dict[str, Any]:
+        from horovod_leader.flat import key_name
+
+        out = {"param." + key_name(k): f for k, f in self.params.items()}
+        out.update({"buffer." + key_name(k): f for k, f in list(self.float_buffers.items())})
+        return out
+
+    def step(self, loss=None) -> None:
+        """One inner step; every ``period`` steps, the outer round."""
+        self._begin_step(loss)
+        self.optimizer.step()
+        if self._steps % self.period == 0:
+            self._run_round(self._steps // self.period)
+
+    def _round(self, number: int, joined: bool = False):
+        """Average, outer step, restart; ``joined``: this rank has closed and adds nothing."""
+        healthy = self._healthy()
+        refs = {key: p.data for key, p in zip(self.outer, self._outer_params)}
+        results = yield self._mean.post(self.comm, self.params, self.float_buffers,
+                                        self._may_contribute() and not joined, refs=refs)
+        if not self._mean.finish(results):
+            raise self._all_diverged(f"outer round {number}")
+        with torch.no_grad():
+            for (key, outer), mean in zip(zip(self.outer, self._outer_params), self._mean.params.values()):
+                outer.grad = (outer.data - mean).to(outer.dtype)  # the pseudo-gradient
+        self.outer_optimizer.step()
+        if joined:
+            return
+        with torch.no_grad():
+            for (key, flat), outer in zip(self.params.items(), self._outer_params):
+                flat.flat.copy_(outer.data)
+        replace_all_(self.float_buffers, self._mean.buffers)
+        if not healthy:
+            self._log_recovery("the new outer parameters")
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = self._base_state()
+        state["outer"] = [p.data.clone() for p in self._outer_params]
+        state["outer_optimizer"] = self.outer_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._load_base_state(state, required=("outer", "outer_optimizer"))
+        for p, saved in zip(self._outer_params, state["outer"]):
+            p.data.copy_(saved)
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
