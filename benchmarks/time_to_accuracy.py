@@ -41,7 +41,7 @@ def run_one(args, method, seed, out):
     from horovod_leader.report import accuracy_of, load_run
 
     records = load_run(Path(out))["records"]
-    curve = [(r["wall_time"], accuracy_of(r)) for r in records if accuracy_of(r) is not None]
+    curve = [(r["train_seconds"], accuracy_of(r)) for r in records if accuracy_of(r) is not None]
     reached = next((t for t, a in curve if a >= args.target), None)
     return {"time_to_target": reached, "final_accuracy": curve[-1][1], "curve": curve}
 

@@ -56,27 +56,29 @@ def read(path: Path) -> dict:
                          f"(a pickled object that could run code): {str(error).splitlines()[0]}") from None
 
 
-def save(trainer, seconds: float) -> None:
+def save(trainer) -> None:
     """Every rank writes its own state; rank 0 then points latest.json at this step."""
     hvd = trainer.hvd
     target = step_folder(trainer.out, trainer.step)
     if trainer.rank == 0:
         target.mkdir(parents=True, exist_ok=True)
     hvd.allreduce(torch.zeros(1), name="checkpoint.mkdir")  # the folder exists before anyone writes
+    clock = trainer.clock.state_dict()
     state = {
         "step": trainer.step,
-        "elapsed": seconds,
+        "clock": clock,
         "model": trainer.model.state_dict(),
         "wrapper": trainer.opt.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "losses": trainer.losses[-100:],
+        "fresh_batches": trainer.fresh.calls if getattr(trainer, "fresh", None) is not None else 0,
     }
     atomic_save(state, target / f"rank{trainer.rank}.pt")
     hvd.allreduce(torch.zeros(1), name="checkpoint.written")  # every rank's file is complete
     if trainer.rank == 0:
         marker = folder(trainer.out) / "latest.json"
         tmp = marker.with_name(".latest.json.tmp")
-        tmp.write_text(json.dumps({"step": trainer.step, "world_size": trainer.size, "elapsed": seconds}))
+        tmp.write_text(json.dumps({"step": trainer.step, "world_size": trainer.size, **clock}))
         os.replace(tmp, marker)
         for old in folder(trainer.out).glob("step*"):
             if old != target and old.is_dir():
@@ -94,5 +96,7 @@ def load(trainer) -> None:
     trainer.opt.load_state_dict(state["wrapper"])
     torch.set_rng_state(state["torch_rng"])
     trainer.step = state["step"]
-    trainer.elapsed_before = state["elapsed"]
+    trainer.clock.load_state_dict(state["clock"])
     trainer.losses = list(state["losses"])
+    if getattr(trainer, "fresh", None) is not None:
+        trainer.fresh.calls = int(state["fresh_batches"])

@@ -1,11 +1,16 @@
-"""Data sets, split into a disjoint shard per rank.
+"""Data sets as tensors: ``load(name)`` gives (train, test, in_channels, num_classes).
 
 ``digits`` (the default) is scikit-learn's bundled 8x8 handwritten digits: real data that
 needs no download. Images are scaled to [0, 1] and standardised with the training mean/std.
+``cifar10`` is read through torchvision and normalised as in the authors' code; its
+augmentation (random crops and flips of whole batches) is applied while training, by
+``horovod_leader.training.augment``. ``mnist1d`` (``horovod_leader.data_mnist1d``) is
+generated locally and cached. Which samples each rank sees is decided per epoch by
+``horovod_leader.training.pipeline``; ``shard`` is the fixed split used by the examples.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,13 +43,30 @@ def shard(dataset: TensorDataset, rank: int, size: int) -> TensorDataset:
     return TensorDataset(*(t[rank::size][:length] for t in dataset.tensors))
 
 
-DATASETS = ("digits", "cifar10", "synthetic")
+DATASETS = ("digits", "cifar10", "synthetic", "mnist1d")
+
+# The shape of one input of each data set, (channels, height, width) for images and
+# (channels, length) for signals, known without loading it, so that the training command
+# can check a model and augmentation against it before any collective.
+IMAGE_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "synthetic": (3, 32, 32), "mnist1d": (1, 40)}
+
+# The authors' normalisation (kuangliu/pytorch-cifar's values, used by the LSGD code).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+
+def black_level(name: str) -> torch.Tensor:
+    """Per-channel value of a black pixel after normalisation: what padding fills with, as
+    torchvision's ``RandomCrop(padding=4)`` pads the raw image with zeros before normalising."""
+    if name == "cifar10":
+        return -torch.tensor(CIFAR10_MEAN) / torch.tensor(CIFAR10_STD)
+    return torch.zeros(IMAGE_SHAPES.get(name, (1,))[0])
 
 
 def cifar10(data_dir: str, download: bool = False) -> Tuple[TensorDataset, TensorDataset]:
-    """CIFAR-10 through torchvision's loader (``data_dir`` holds ``cifar-10-batches-py``),
-    normalised with the usual per-channel mean and std, as tensors. Augmentation is left out:
-    the comparison between methods is what matters here, and every method sees the same data."""
+    """CIFAR-10 through torchvision's loader (``data_dir`` holds ``cifar-10-batches-py``), as
+    float tensors of shape (N, 3, 32, 32) normalised with the authors' per-channel mean and
+    std. Augmentation is applied per batch while training, not here."""
     import os
 
     from torchvision.datasets import CIFAR10
@@ -55,8 +77,8 @@ def cifar10(data_dir: str, download: bool = False) -> Tuple[TensorDataset, Tenso
     def to_set(train: bool) -> TensorDataset:
         raw = CIFAR10(root=data_dir, train=train, download=download)
         images = torch.from_numpy(np.asarray(raw.data, dtype=np.float32) / 255.0).permute(0, 3, 1, 2)
-        mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-        std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+        mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
         return TensorDataset((images - mean) / std, torch.tensor(raw.targets, dtype=torch.int64))
 
     return to_set(True), to_set(False)
@@ -72,9 +94,14 @@ def synthetic(n_train: int = 4096, n_test: int = 1024, image_size: int = 32, cha
     return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
 
 
-def load(name: str, data_dir: str = "data", download: bool = False, seed: int = 0):
-    """(train, test, in_channels, num_classes) for a data set name."""
-    if name == "digits":
+def load(name: str, data_dir: str = "data", download: bool = False, seed: int = 0, samples: Optional[int] = None):
+    """(train, test, in_channels, num_classes) for a data set name. ``samples``: MNIST-1D's
+    sample count (train and test together; default 50,000). Its data seed is fixed, not
+    ``seed``, so that every run sees the same signals."""
+    if name == "mnist1d":
+        from horovod_leader.data_mnist1d import DEFAULT_SAMPLES, mnist1d
+        train, test = mnist1d(DEFAULT_SAMPLES if samples is None else samples)
+    elif name == "digits":
         train, test = digits(seed=seed)
     elif name == "cifar10":
         train, test = cifar10(data_dir, download)

@@ -3,9 +3,13 @@
     python -m horovod_leader.report runs/lsgd runs/dp runs/easgd --target 0.95 --out runs/report
 
 For each run folder (written by ``horovod_leader.train``): final and best test accuracy, the
-wall time to reach ``--target`` accuracy, steps per second, and bytes communicated per step
-per worker. Plots: test error against wall-clock time (the papers' figure), the global
-leader's identity over time, and communication volume over time.
+training time to reach ``--target`` accuracy, steps per second of training, and bytes
+communicated per step per worker. Plots: test error against training time (the papers'
+figure), the global leader's identity over time, and communication volume over time.
+
+Time is the training clock (``train_seconds``): wall-clock time with evaluation and
+checkpoint writes excluded, as the authors measure it. ``wall_seconds`` (everything
+included) is kept in ``summary.json``.
 """
 from __future__ import annotations
 
@@ -43,24 +47,40 @@ def bytes_of(record: Dict) -> float:
 
 def summarise(run: Dict, target: float) -> Dict:
     records = run["records"]
-    accs = [(r["wall_time"], accuracy_of(r)) for r in records if accuracy_of(r) is not None]
+    accs = [(r["train_seconds"], accuracy_of(r)) for r in records if accuracy_of(r) is not None]
     last = records[-1]
     reached = next((t for t, a in accs if a >= target), None)
     steps = max(last["step"], 1)
     return {"run": run["name"], "method": run["label"], "final_accuracy": accs[-1][1] if accs else None,
             "best_accuracy": max(a for _, a in accs) if accs else None, "time_to_target_s": reached,
-            "steps_per_s": last["step"] / last["wall_time"] if last["wall_time"] > 0 else None,
-            "bytes_per_step": bytes_of(last) / steps, "steps": last["step"], "wall_time_s": last["wall_time"]}
+            "steps_per_s": last["step"] / last["train_seconds"] if last["train_seconds"] > 0 else None,
+            "bytes_per_step": bytes_of(last) / steps, "steps": last["step"],
+            "train_seconds": last["train_seconds"], "wall_seconds": last["wall_seconds"],
+            "final_group_centre_accuracies": last.get("group_centre_accuracies"),
+            **{key: last.get(key) for key in FLATNESS_KEYS}}
+
+
+# Written by ``train --flatness`` into the final record (see ``horovod_leader.flatness``).
+FLATNESS_KEYS = ("hessian_trace", "hessian_top_eigenvalue", "leader_hessian_trace", "leader_hessian_top_eigenvalue")
+
+
+def flatness_cell(summary: Dict, key: str) -> str:
+    """The centre's figure, and LSGD's leader's in brackets; '-' when not measured."""
+    centre, leader = summary.get(key), summary.get("leader_" + key)
+    text = "-" if centre is None else f"{centre:.4g}"
+    return text if leader is None else f"{text} (leader {leader:.4g})"
 
 
 def table(summaries: List[Dict], target: float) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    lines = [f"| run | method | final acc. | best acc. | time to {target:.2f} (s) | steps/s | bytes/step/worker |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| run | method | final acc. | best acc. | training time to {target:.2f} (s) | steps/s | "
+             "bytes/step/worker | Hessian trace | top eigenvalue |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lines.append(f"| {s['run']} | {s['method']} | {fmt(s['final_accuracy'], '.4f')} | "
                      f"{fmt(s['best_accuracy'], '.4f')} | {fmt(s['time_to_target_s'], '.1f')} | "
-                     f"{fmt(s['steps_per_s'], '.1f')} | {fmt(s['bytes_per_step'], ',.0f')} |")
+                     f"{fmt(s['steps_per_s'], '.1f')} | {fmt(s['bytes_per_step'], ',.0f')} | "
+                     f"{flatness_cell(s, 'hessian_trace')} | {flatness_cell(s, 'hessian_top_eigenvalue')} |")
     return "\n".join(lines)
 
 
@@ -72,7 +92,7 @@ def plots(runs: List[Dict], out: Path) -> List[Path]:
     paths = []
 
     def finish(fig, ax, name: str, ylabel: str, title: str, legend: bool = True) -> None:
-        ax.set_xlabel("wall-clock time (s)")
+        ax.set_xlabel("training time (s), evaluation excluded")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
@@ -85,7 +105,7 @@ def plots(runs: List[Dict], out: Path) -> List[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
-        pts = [(r["wall_time"], accuracy_of(r)) for r in run["records"] if accuracy_of(r) is not None]
+        pts = [(r["train_seconds"], accuracy_of(r)) for r in run["records"] if accuracy_of(r) is not None]
         ax.plot([t for t, _ in pts], [100 * (1.0 - a) for _, a in pts], marker=".",
                 label=f"{run['name']} ({run['label']})")
     finish(fig, ax, "test_error_vs_time.png", "test error (%)", "Test error against time (LSGD: leader; others: centre)")
@@ -93,7 +113,7 @@ def plots(runs: List[Dict], out: Path) -> List[Path]:
     with_leaders = [r for r in runs if any(rec.get("global_leader") is not None for rec in r["records"])]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for run in with_leaders:
-        pts = [(r["wall_time"], r["global_leader"]) for r in run["records"] if r.get("global_leader") is not None]
+        pts = [(r["train_seconds"], r["global_leader"]) for r in run["records"] if r.get("global_leader") is not None]
         ax.step([t for t, _ in pts], [leader for _, leader in pts], where="post", marker="o", label=run["name"])
     sizes = [r["config"].get("world_size") for r in with_leaders if r["config"].get("world_size")]
     if sizes:
@@ -102,7 +122,7 @@ def plots(runs: List[Dict], out: Path) -> List[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for run in runs:
-        ax.plot([r["wall_time"] for r in run["records"]], [bytes_of(r) / 1e6 for r in run["records"]], marker=".",
+        ax.plot([r["train_seconds"] for r in run["records"]], [bytes_of(r) / 1e6 for r in run["records"]], marker=".",
                 label=f"{run['name']} ({run['label']})")
     finish(fig, ax, "communication.png", "MB communicated per worker", "Communication volume")
     return paths
@@ -123,10 +143,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summaries = [summarise(run, args.target) for run in runs]
     markdown = table(summaries, args.target)
-    (out / "report.md").write_text(markdown + "\n")
+    note = ("Times are training time (`train_seconds`): wall-clock time with evaluation and checkpoint writes "
+            "excluded, as the papers measure it.")
+    (out / "report.md").write_text(markdown + "\n\n" + note + "\n")
     (out / "summary.json").write_text(json.dumps(summaries, indent=2))
     paths = plots(runs, out)
     print(markdown)
+    print("\n" + note)
     print("\nplots: " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -1,15 +1,18 @@
 """Train a model with LSGD, GRAWA or a baseline, under horovodrun or mpirun.
 
     mpirun -np 4 python -m horovod_leader.train --algo lsgd --time-budget 60 --out runs/lsgd
-    horovodrun -np 8 -H host1:4,host2:4 horovod-leader-train --algo mgrawa --dataset cifar10 \\
-        --data-dir /data --model resnet20 --epochs 200 --out runs/mgrawa
+    horovodrun -np 8 -H host1:4,host2:4 horovod-leader-train --preset paper --algo mgrawa \\
+        --dataset cifar10 --data-dir /data --model resnet20 --time-budget 900 --out runs/mgrawa
 
-Every rank trains on a disjoint shard of the training data. At intervals the test accuracy of
-the global leader (LSGD) and of the centre (the workers' average with batch-norm statistics
-re-estimated on training batches; EASGD's centre variable) is measured. Rank 0 shows a
-progress bar and writes ``OUT/config.json`` and ``OUT/metrics.jsonl`` (one record per
-evaluation); checkpoints go to ``OUT/checkpoints`` and ``--resume OUT`` continues from the
-last one. ``python -m horovod_leader.report OUT ...`` turns runs into a table and plots.
+Each epoch the training set is reshuffled and split into one disjoint slice per rank
+(``--sampling``); CIFAR-10 batches are augmented as tensors (``--augment``). At intervals of
+training time the test accuracy of every worker, of the global leader (LSGD), of the centre
+(the workers' average with batch-norm statistics re-estimated; EASGD's centre variable) and,
+in multi-leader runs, of each group's centre is measured; evaluation time does not count as
+training time. Rank 0 shows a progress bar and writes ``OUT/config.json`` and
+``OUT/metrics.jsonl`` (one record per evaluation); checkpoints go to ``OUT/checkpoints`` and
+``--resume OUT`` continues from the last one. ``python -m horovod_leader.report OUT ...``
+turns runs into a table and plots.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -34,9 +36,24 @@ class _Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+def _bn_batches(text: str):
+    if text == "full":
+        return "full"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'full', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'full', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from horovod_leader.data import DATASETS
     from horovod_leader.models import MODELS
+    from horovod_leader.training.augment import AUGMENTATIONS
+    from horovod_leader.training.pipeline import SAMPLINGS
+    from horovod_leader.training.presets import PRESETS
 
     p = _Parser(prog="horovod-leader-train", description=__doc__.splitlines()[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -44,19 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--algo", default="lsgd", choices=ALGOS)
     g.add_argument("--async", dest="asynchronous", action="store_true",
                    help="asynchronous variant (lsgd, mgrawa, lgrawa, easgd)")
+    g.add_argument("--preset", default=None, choices=PRESETS,
+                   help="paper: the authors' hyperparameters for --algo and --model; options given explicitly win")
     g.add_argument("--model", default="cnn", choices=MODELS)
     g.add_argument("--dataset", default="digits", choices=DATASETS)
     g.add_argument("--data-dir", default="data", help="where cifar10 lives (cifar-10-batches-py)")
     g.add_argument("--download", action="store_true", help="download cifar10 into --data-dir")
+    g.add_argument("--mnist1d-samples", type=int, default=None,
+                   help="mnist1d: signals generated, train and test together (default 50000)")
+    g.add_argument("--width", type=int, default=None, help="mlp: units per hidden layer (default 2000)")
+    g.add_argument("--augment", default=None, choices=AUGMENTATIONS,
+                   help="paper: flip + random 28x28 crop (test: centre crop); standard: pad 4, random 32x32 crop, "
+                        "flip; default: paper for cifar10 (standard for vgg16, which needs 32x32), none otherwise")
+    g.add_argument("--sampling", default="reshuffle", choices=SAMPLINGS,
+                   help="reshuffle: one permutation of the training set per epoch, one slice per rank; "
+                        "fixed: a fixed shard per rank")
     g = p.add_argument_group("budget and topology")
-    g.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    g.add_argument("--time-budget", type=float, default=None,
+                   help="stop after this many seconds of training time (evaluation excluded)")
     g.add_argument("--epochs", type=float, default=None, help="stop after this many epochs (default 10 "
                    "when no --time-budget)")
     g.add_argument("--group-size", type=int, default=None, help="ranks per group (default: ranks per node)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: the GPU of this rank's local rank when CUDA is available")
-    g = p.add_argument_group("hyperparameters (defaults: the papers' CIFAR-10 settings)")
+    g = p.add_argument_group("hyperparameters (see --preset paper for the authors' CIFAR-10 settings)")
     g.add_argument("--lr", type=float, default=0.1)
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
@@ -71,16 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prox", type=float, default=0.0, help="per-step proximal pull (LSGD, GRAWA)")
     g.add_argument("--score-window", type=int, default=None, help="LSGD: losses averaged into the score")
     g.add_argument("--norm-decay", type=float, default=0.0, help="GRAWA: smoothing of the gradient norms")
+    g.add_argument("--fresh-batch", type=int, default=0,
+                   help="GRAWA: weights from the gradient on this many fresh random training samples at each "
+                        "averaging (0: the current minibatch's gradient)")
     g.add_argument("--beta", type=float, default=0.9, help="EASGD's beta (alpha = beta / workers)")
     g.add_argument("--lr-milestones", type=float, nargs="*", default=[], help="epochs at which the LR drops")
     g.add_argument("--lr-time-milestones", type=float, nargs="*", default=[],
-                   help="wall-clock seconds at which the LR drops (the papers' time-based schedule)")
+                   help="seconds of training time (evaluation excluded) at which the LR drops, as in the papers")
     g.add_argument("--lr-gamma", type=float, default=0.1, help="LR factor at each milestone")
-    g = p.add_argument_group("output")
+    g = p.add_argument_group("evaluation and output")
     g.add_argument("--out", default="runs/run", help="output folder")
     g.add_argument("--eval-every", type=float, default=None,
-                   help="seconds between evaluations (default: about 10 per run)")
+                   help="seconds of training time between evaluations (default: about 10 per run)")
+    g.add_argument("--bn-batches", type=_bn_batches, default=20, metavar="N|full",
+                   help="training batches over which the centre's batch-norm statistics are re-estimated "
+                        "(full: a whole pass, the authors' choice)")
     g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (0: only at the end)")
+    g.add_argument("--flatness", action="store_true",
+                   help="at the end, the Hessian trace and top eigenvalue of the centre (and LSGD's leader) on "
+                        "the first --flatness-batches training batches, into metrics.jsonl")
+    g.add_argument("--flatness-batches", type=int, default=10, help="training batches for --flatness")
     g.add_argument("--resume", default=None, metavar="OUT", help="continue the run in OUT from its last checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -88,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args) -> None:
     """Every check that needs no communication, on every rank, before any collective."""
+    from horovod_leader import data, models
+    from horovod_leader.training import augment
     from horovod_leader.validation import check_fraction, check_int, check_multiple, check_real
 
     if args.time_budget is None and args.epochs is None:
@@ -98,6 +139,9 @@ def validate(args) -> None:
         check_real("--epochs", args.epochs, 0.0, math.inf, low_open=True)
     if args.asynchronous and args.algo not in ASYNC_ALGOS:
         raise ValueError(f"--async is available for {list(ASYNC_ALGOS)}, not --algo {args.algo}")
+    from horovod_leader.topology import launched_by_mpi, mpi_required_message
+    if args.asynchronous and not launched_by_mpi():
+        raise ValueError(mpi_required_message("--async"))
     check_real("--lr", args.lr, 0.0, math.inf)
     check_real("--momentum", args.momentum, 0.0, 1.0, high_open=True)
     check_real("--weight-decay", args.weight_decay, 0.0, math.inf)
@@ -113,7 +157,10 @@ def validate(args) -> None:
         check_fraction("--" + name.replace("_", "-"), getattr(args, name))
     if args.score_window is not None:
         check_int("--score-window", args.score_window)
+    elif args.algo == "lsgd":
+        args.score_window = args.period  # LSGD's own default, written out so that config.json shows it
     check_real("--norm-decay", args.norm_decay, 0.0, 1.0, high_open=True)
+    check_int("--fresh-batch", args.fresh_batch, minimum=0)
     check_real("--beta", args.beta, 0.0, 1.0, low_open=True)
     check_real("--lr-gamma", args.lr_gamma, 0.0, 1.0, low_open=True)
     for value in args.lr_milestones + args.lr_time_milestones:
@@ -121,25 +168,35 @@ def validate(args) -> None:
     if args.eval_every is not None:
         check_real("--eval-every", args.eval_every, 0.0, math.inf, low_open=True)
     check_int("--checkpoint-every", args.checkpoint_every, minimum=0)
+    check_int("--flatness-batches", args.flatness_batches)
     if args.dataset == "cifar10" and not args.download and not os.path.isdir(os.path.join(args.data_dir,
                                                                                         "cifar-10-batches-py")):
         raise ValueError(f"--data-dir {args.data_dir!r} has no cifar-10-batches-py folder (or pass --download)")
+    if args.mnist1d_samples is not None:
+        check_int("--mnist1d-samples", args.mnist1d_samples, minimum=100)
+    if args.width is not None:
+        check_int("--width", args.width)
+    shape, dims = data.IMAGE_SHAPES[args.dataset], models.input_dims(args.model)
+    if dims is not None and dims != len(shape) - 1:
+        wanted = "1-D signals (--dataset mnist1d)" if dims == 1 else "images (--dataset digits, cifar10 or synthetic)"
+        raise ValueError(f"--model {args.model} needs {wanted}; --dataset {args.dataset} gives inputs of shape {shape}")
+    needs = models.input_size(args.model)
+    if args.augment is None:
+        args.augment = augment.default_for(args.dataset, needs)
+    augment.check_fit(args.augment, args.dataset, data.IMAGE_SHAPES[args.dataset], args.model, needs)
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available on this node")
-    if args.model == "vgg16" and args.dataset == "digits":
-        raise ValueError("--model vgg16 needs 32x32 colour images: use --dataset cifar10 or synthetic")
     if args.resume is not None:
         from horovod_leader.checkpoint import latest_step
         if latest_step(args.resume) is None:
             raise ValueError(f"--resume {args.resume!r} holds no checkpoint (expected {args.resume}/checkpoints)")
-    from mpi4py import MPI
-    from horovod_leader.topology import resolve_group_size
-    resolve_group_size(args.group_size, MPI.COMM_WORLD.Get_size())
+    from horovod_leader.topology import resolve_group_size, world_size
+    resolve_group_size(args.group_size, world_size())
 
 
-def make_wrapper(args, optimizer, model):
+def make_wrapper(args, optimizer, model, fresh_loss=None):
     import horovod_leader as hl
 
     if args.algo == "lsgd":
@@ -147,8 +204,9 @@ def make_wrapper(args, optimizer, model):
                        local_pull=args.local_pull, global_pull=args.global_pull, prox=args.prox,
                        score_window=args.score_window, asynchronous=args.asynchronous)
     if args.algo in ("mgrawa", "lgrawa"):
+        extra = {"fresh_loss": fresh_loss} if fresh_loss is not None else {}
         return hl.GRAWA(optimizer, model, period=args.period, pull=args.pull, layerwise=args.algo == "lgrawa",
-                        prox=args.prox, norm_decay=args.norm_decay, asynchronous=args.asynchronous)
+                        prox=args.prox, norm_decay=args.norm_decay, asynchronous=args.asynchronous, **extra)
     if args.algo == "easgd":
         return hl.EASGD(optimizer, model, period=args.period, beta=args.beta, asynchronous=args.asynchronous)
     if args.algo == "localsgd":
@@ -157,133 +215,84 @@ def make_wrapper(args, optimizer, model):
 
 
 class Trainer:
-    """One run: data, model, wrapper, schedule, evaluation, checkpoints."""
+    """One run: model, optimizer wrapper, schedule and the loop. The data pipeline, the
+    evaluation and the training clock live in ``horovod_leader.training``."""
 
     def __init__(self, args, topo):
         import horovod.torch as hvd
         import torch
 
         from horovod_leader import data, models
+        from horovod_leader.training.augment import BatchAugment
+        from horovod_leader.training.clock import TrainingClock
+        from horovod_leader.training.evaluation import Evaluator
+        from horovod_leader.training.pipeline import FreshBatchLoss, TrainPipeline
 
         self.args, self.topo, self.hvd, self.torch = args, topo, hvd, torch
         self.rank, self.size = topo.rank, topo.size
         self.out = Path(args.resume or args.out)
         torch.manual_seed(args.seed)
-        train, self.test, channels, classes = data.load(args.dataset, args.data_dir, args.download, args.seed)
-        self.train = data.shard(train, self.rank, self.size)
+        train, test, channels, classes = self.load_data()
         use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         if use_cuda:
             torch.cuda.set_device(hvd.local_rank())
         self.device = torch.device("cuda", hvd.local_rank()) if use_cuda else torch.device("cpu")
-        self.model = models.build(args.model, classes, channels).to(self.device)  # before wrapping
+        self.pipeline = TrainPipeline(train, self.rank, self.size, args.batch_size, args.seed, args.sampling,
+                                      BatchAugment(args.augment, data.black_level(args.dataset)), self.device)
+        self.model = models.build(args.model, classes, channels, input_shape=train.tensors[0].shape[1:],
+                                  width=args.width).to(self.device)  # before wrapping
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         self.sgd = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum,
                                    nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)
-        self.opt = make_wrapper(args, self.sgd, self.model)
-        # Each epoch's order comes from (seed, rank, epoch) alone, so a resumed run replays it
-        # exactly without carrying the generator's state across epochs.
-        self.loader_gen = torch.Generator()
-        self.loader = torch.utils.data.DataLoader(self.train, batch_size=args.batch_size, shuffle=True,
-                                                  drop_last=len(self.train) >= args.batch_size,
-                                                  generator=self.loader_gen)
-        self.steps_per_epoch = max(len(self.loader), 1)
+        grawa = args.algo in ("mgrawa", "lgrawa")
+        self.fresh = FreshBatchLoss(self.pipeline, args.fresh_batch) if grawa and args.fresh_batch else None
+        self.opt = make_wrapper(args, self.sgd, self.model, self.fresh)
+        self.evaluator = Evaluator(self.model, self.opt, args.algo, self.pipeline, test, topo, hvd, self.device,
+                                   None if args.bn_batches == "full" else args.bn_batches, args.asynchronous)
+        self.clock = TrainingClock()
+        self.steps_per_epoch = self.pipeline.steps_per_epoch
         self.step = 0
-        self.elapsed_before = 0.0  # wall time of earlier segments of a resumed run
         self.losses: List[float] = []
 
-    # -------------------------------------------------------------- clock and schedule
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.start
+    def load_data(self):
+        """Each node's local rank 0 loads first, filling the node's caches (MNIST-1D) or
+        downloading (CIFAR-10), while the node's other ranks wait; then they read."""
+        from horovod_leader import data
 
-    def agreed_elapsed(self) -> float:
-        """Synchronous runs decide time-based events (stop, LR drop, evaluation) on rank 0's
-        clock, so every rank takes the same decision at the same step. Asynchronous runs use
-        their own clock: no collective per step is allowed there."""
-        if self.args.asynchronous:
-            return self.elapsed()
-        value = self.torch.tensor([self.elapsed()], dtype=self.torch.float64)
-        return float(self.hvd.broadcast(value, root_rank=0, name="train.clock"))
+        args, first = self.args, self.hvd.local_rank() == 0
+        load = lambda: data.load(args.dataset, args.data_dir, args.download, args.seed, samples=args.mnist1d_samples)
+        loaded = load() if first else None
+        self.hvd.allreduce(self.torch.zeros(1), name="train.data_ready")
+        return loaded if first else load()
 
     def lr_at(self, epoch: float, seconds: float) -> float:
         drops = sum(epoch >= m for m in self.args.lr_milestones) + sum(seconds >= m for m in
                                                                        self.args.lr_time_milestones)
         return self.args.lr * self.args.lr_gamma ** drops
 
-    # -------------------------------------------------------------- evaluation
-    def accuracy(self, model) -> float:
-        torch = self.torch
-        model.eval()
-        correct = 0
-        with torch.no_grad():
-            x, y = self.test.tensors
-            for i in range(0, len(y), 1024):
-                batch = x[i:i + 1024].to(self.device, non_blocking=True)
-                correct += int((model(batch).argmax(1).cpu() == y[i:i + 1024]).sum())
-        model.train()
-        return correct / len(y)
-
-    def centre_accuracy(self) -> float:
-        """The workers' average (EASGD: its centre), batch-norm statistics re-estimated."""
-        import copy
-
-        from horovod_leader.flat import key_name
-
-        torch = self.torch
-        centre = copy.deepcopy(self.model)
-        copies = list(centre.parameters())
-        index = {id(p): i for i, p in enumerate(self.model.parameters())}
-        with torch.no_grad():
-            for key, flat in self.opt.params.items():  # one collective per packed buffer
-                if self.args.algo == "easgd":
-                    average = self.opt.centre[key]
-                else:
-                    average = flat.flat.clone()
-                    self.hvd.allreduce_(average, op=self.hvd.Average, name=f"train.centre.{key_name(key)}")
-                for tensor, view in zip(flat.tensors, flat.views(average)):
-                    copies[index[id(tensor)]].copy_(view)
-            norms = [m for m in centre.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-            if norms:  # re-estimate on up to 20 training batches, as a cumulative average
-                for m in norms:
-                    m.reset_running_stats()
-                    m.momentum = None
-                centre.train()
-                for i, (x, _) in enumerate(torch.utils.data.DataLoader(self.train, batch_size=self.args.batch_size)):
-                    centre(x.to(self.device))
-                    if i == 19:
-                        break
-        return self.accuracy(centre)
-
-    def evaluate(self, seconds: float, epoch: float, final: bool = False) -> Optional[Dict]:
-        torch, hvd = self.torch, self.hvd
-        if self.args.asynchronous and not final:
-            # No collectives between refreshes: rank 0 reports its own worker.
-            if self.rank != 0:
-                return None
-            record = {"wall_time": seconds, "step": self.step, "epoch": epoch, "worker0_accuracy": self.accuracy(
-                self.model), "loss": self.mean_loss(), "comm_bytes": self.opt.comm_bytes,
-                "global_leader": getattr(self.opt, "global_leader", None)}
-            return record
-        own = torch.tensor([self.accuracy(self.model), self.mean_loss(), float(self.opt.comm_bytes), self.step],
-                           dtype=torch.float64)
-        everyone = hvd.allgather(own.reshape(1, -1), name="train.eval").tolist()
-        leader = getattr(self.opt, "global_leader", None)
-        record = {"wall_time": seconds, "step": self.step, "epoch": epoch,
-                  "worker_accuracies": [row[0] for row in everyone], "losses": [row[1] for row in everyone],
-                  "comm_bytes": [int(row[2]) for row in everyone], "steps": [int(row[3]) for row in everyone],
-                  "global_leader": leader, "local_leaders": None, "centre_accuracy": self.centre_accuracy()}
-        if self.args.algo == "lsgd":
-            leaders = hvd.allgather(torch.tensor([[-1 if self.opt.local_leader is None else self.opt.local_leader]]),
-                                    name="train.leaders").flatten().tolist()
-            record["local_leaders"] = leaders
-            record["leader_accuracy"] = record["worker_accuracies"][leader] if leader is not None else None
-        return record
-
-    def epoch_seed(self, epoch: int) -> int:
-        return (self.args.seed * 1_000_003 + self.rank) * 10_007 + epoch
-
     def mean_loss(self) -> float:
         recent = self.losses[-20:]
         return sum(recent) / len(recent) if recent else float("nan")
+
+    def write_config(self) -> None:
+        """``config.json``: argparse's destinations with the values this run uses."""
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps({**vars(self.args), "world_size": self.size,
+                                                              "groups": self.topo.groups}, indent=2))
+
+    def evaluate(self, seconds: float, wall: float, final: bool = False) -> Optional[float]:
+        """Measure and record (rank 0 writes), outside the training clock."""
+        with self.clock.excluded():
+            return self.record(self.evaluator.record(step=self.step, epoch=self.step / self.steps_per_epoch,
+                                                     train_seconds=seconds, wall_seconds=wall,
+                                                     mean_loss=self.mean_loss(), final=final))
+
+    def save_checkpoint(self) -> None:
+        from horovod_leader import checkpoint
+
+        with self.clock.excluded():
+            checkpoint.save(self)
 
     # -------------------------------------------------------------- the loop
     def run(self) -> None:
@@ -292,10 +301,8 @@ class Trainer:
         args, torch = self.args, self.torch
         if args.resume:
             checkpoint.load(self)
-        elif self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps({**vars(args), "world_size": self.size,
-                                                              "groups": self.topo.groups}, indent=2))
+        else:
+            self.write_config()
         total_steps = None if args.epochs is None else int(args.epochs * self.steps_per_epoch)
         budget = args.time_budget
         eval_every = args.eval_every or (budget / 10 if budget else None)
@@ -306,22 +313,18 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=total_steps, initial=self.step, desc=f"{args.algo}{' async' if args.asynchronous else ''}",
                        dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
-        self.start = time.perf_counter()
-        seconds = self.agreed_elapsed()
+        self.clock.start()
+        seconds, wall = self.clock.agreed(self.hvd, args.asynchronous)
         next_eval = (seconds + eval_every) if eval_every else None
         last_acc = None
         done = False
         skip = self.step % self.steps_per_epoch  # resuming mid-epoch: skip the batches already seen
         epoch_index = self.step // self.steps_per_epoch
         while not done:
-            self.loader_gen.manual_seed(self.epoch_seed(epoch_index))
-            for i, (x, y) in enumerate(self.loader):
-                if i < skip:
-                    continue
+            for x, y in self.pipeline.batches(epoch_index, skip):
                 epoch = self.step / self.steps_per_epoch
                 for group in self.sgd.param_groups:
                     group["lr"] = self.lr_at(epoch, seconds)
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 loss = torch.nn.functional.cross_entropy(self.model(x), y)
                 self.sgd.zero_grad()
                 loss.backward()
@@ -335,33 +338,47 @@ class Trainer:
                                         acc="-" if last_acc is None else f"{last_acc:.3f}")
                 check_now = self.args.asynchronous or self.step % sync_every == 0
                 if check_now:
-                    seconds = self.agreed_elapsed()
-                epoch = self.step / self.steps_per_epoch
+                    seconds, wall = self.clock.agreed(self.hvd, args.asynchronous)
                 done = (total_steps is not None and self.step >= total_steps) or (
                     budget is not None and check_now and seconds >= budget)
                 due = (eval_every and check_now and seconds >= next_eval) or (
                     eval_every_steps and self.step % eval_every_steps == 0)
                 if due and not done:
-                    last_acc = self.record(self.evaluate(seconds, epoch))
+                    last_acc = self.evaluate(seconds, wall)
                     next_eval = (seconds + eval_every) if eval_every else None
                 if args.checkpoint_every and self.step % args.checkpoint_every == 0 and not args.asynchronous:
-                    checkpoint.save(self, seconds)
+                    self.save_checkpoint()
                 if done:
                     break
             if not done:
                 skip = 0
                 epoch_index += 1
         self.opt.close()
-        seconds = self.elapsed()
+        seconds, wall = self.clock.train_seconds(), self.clock.wall_seconds()
         if not args.asynchronous:
-            checkpoint.save(self, seconds)
-        last_acc = self.record(self.evaluate(seconds, self.step / self.steps_per_epoch, final=True))
+            self.save_checkpoint()
+        last_acc = self.final_evaluation(seconds, wall)
         if bar is not None:
             bar.close()
         if self.rank == 0:
-            print(f"done: {self.step} steps in {seconds:.1f} s; final accuracy "
-                  f"{last_acc if last_acc is None else round(last_acc, 4)}; metrics in {self.out / 'metrics.jsonl'}",
-                  flush=True)
+            print(f"done: {self.step} steps in {seconds:.1f} s of training ({self.clock.wall_seconds():.1f} s in all); "
+                  f"final accuracy {last_acc if last_acc is None else round(last_acc, 4)}; "
+                  f"metrics in {self.out / 'metrics.jsonl'}", flush=True)
+
+    def final_evaluation(self, seconds: float, wall: float) -> Optional[float]:
+        """The last record, after every rank has closed its wrapper (collectives allowed);
+        with ``--flatness`` it also holds the Hessian trace and top eigenvalue of the centre
+        (and of LSGD's global leader), see ``horovod_leader.flatness.measure_for_run``."""
+        if not self.args.flatness:
+            return self.evaluate(seconds, wall, final=True)
+        from horovod_leader.flatness import measure_for_run
+
+        with self.clock.excluded():
+            record = self.evaluator.record(step=self.step, epoch=self.step / self.steps_per_epoch,
+                                           train_seconds=seconds, wall_seconds=wall, mean_loss=self.mean_loss(),
+                                           final=True)
+            record.update(measure_for_run(self.evaluator, self.args.flatness_batches, self.args.seed))
+            return self.record(record)
 
     def record(self, record: Optional[Dict]) -> Optional[float]:
         if record is None:
@@ -375,10 +392,22 @@ class Trainer:
         return None
 
 
+def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse the command line and apply ``--preset`` to what it does not set explicitly."""
+    from horovod_leader.training import presets
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset is not None:
+        presets.apply(args, presets.explicit_dests(parser, argv))
+    return args
+
+
 def parse_and_validate(argv: Optional[List[str]]):
     """(args, None) or (None, error message); never exits and never communicates."""
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(argv)
         validate(args)
         return args, None
     except ValueError as error:
@@ -386,16 +415,16 @@ def parse_and_validate(argv: Optional[List[str]]):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from mpi4py import MPI
+    from horovod_leader.topology import gather_from_every_rank, world_rank
 
     args, error = parse_and_validate(argv)
     # Every rank checked its own arguments without communicating; one small all-gather (which
-    # every rank reaches, whatever its arguments) lets all of them stop together when any
-    # rank's arguments are bad: no rank is left waiting in a collective.
-    world = MPI.COMM_WORLD
-    errors = world.allgather(error)
+    # every rank reaches, whatever its arguments; over MPI, or Horovod's collectives in Gloo
+    # mode) lets all of them stop together when any rank's arguments are bad: no rank is left
+    # waiting in a collective.
+    errors = gather_from_every_rank(error, name="train.option_check")
     if any(errors):
-        if world.Get_rank() == 0:
+        if world_rank() == 0:
             bad = sorted({e for e in errors if e})
             ranks = [r for r, e in enumerate(errors) if e]
             for message in bad:

@@ -31,7 +31,7 @@ def test_lsgd_training():
 
 def test_grawa_and_baselines():
     result = run_mpi("averaging_checks.py", timeout=300)
-    expect_passes(result, ["mgrawa_centre", "lgrawa_per_tensor_weights", "grawa_norm_edge_cases",
+    expect_passes(result, ["mgrawa_centre", "grawa_fresh_gradient_weights", "lgrawa_per_tensor_weights", "grawa_norm_edge_cases",
                            "grawa_equals_localsgd", "easgd_formula", "symmetry_trap", "comm_volume",
                            "checkpoint_round_trip", "bad_arguments"])
 

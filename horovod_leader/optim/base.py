@@ -195,6 +195,16 @@ class DistributedWrapper:
         """The refresh as a generator of posted collectives (see ``async_schedule``)."""
         raise NotImplementedError
 
+    def _step_then_round(self, loss) -> None:
+        """The wrapped optimizer's step, then a round every ``self.period`` steps (synchronous)
+        or the step counted toward the global schedule (asynchronous)."""
+        self._begin_step(loss)
+        self.optimizer.step()
+        if self.asynchronous:
+            self._schedule.after_step(self._round, self._steps)
+        elif self._steps % self.period == 0:
+            self._run_round(self._steps // self.period)
+
     def _run_round(self, number: int) -> None:
         """A synchronous round: announced, posted, waited and applied before ``step`` returns.
 

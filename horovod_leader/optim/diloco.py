@@ -82,10 +82,7 @@ class DiLoCo(DistributedWrapper):
 
     def step(self, loss=None) -> None:
         """One inner step; every ``period`` steps, the outer round."""
-        self._begin_step(loss)
-        self.optimizer.step()
-        if self._steps % self.period == 0:
-            self._run_round(self._steps // self.period)
+        self._step_then_round(loss)
 
     def _round(self, number: int, joined: bool = False):
         """Average, outer step, restart; ``joined``: this rank has closed and adds nothing."""

@@ -62,12 +62,8 @@ class EASGD(DistributedWrapper):
         self._setup_rounds(asynchronous, self.period)
 
     def step(self, loss=None) -> None:
-        self._begin_step(loss)
-        self.optimizer.step()
-        if self.asynchronous:
-            self._schedule.after_step(self._round, self._steps)
-        elif self._steps % self.period == 0:
-            self._run_round(self._steps // self.period)
+        """One step of the wrapped optimizer; every ``period`` steps, the elastic round."""
+        self._step_then_round(loss)
 
     def _round(self, number: int, joined: bool = False):
         """One elastic round; ``joined``: this rank has closed, adds nothing and is not pulled,

@@ -8,7 +8,7 @@ import torch
 from horovod_leader import grawa_weights
 from horovod_leader.compression import check_compression
 from horovod_leader.optim.averaging import CompressedGather, post_weighted_sum, pull_toward_, replace_all_
-from horovod_leader.optim.base import DistributedWrapper, scalar_loss
+from horovod_leader.optim.base import DistributedWrapper
 from horovod_leader.validation import check_bool, check_fraction, check_int, check_real
 
 
@@ -107,10 +107,10 @@ class GRAWA(DistributedWrapper):
             if self._norms is None:  # no step yet (a round served by close())
                 self._norms = grawa_weights.grad_norms(self._tensors, self.layerwise)
             return self._norms
-        loss = scalar_loss(self.fresh_loss(self.model))
-        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        loss = self.fresh_loss(self.model)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
             raise ValueError("fresh_loss(model) must return a scalar loss tensor computed from the model")
-        grads = torch.autograd.grad(loss, self._tensors, allow_unused=True)
+        grads = torch.autograd.grad(loss.reshape(()), self._tensors, allow_unused=True)
         return grawa_weights.norms_of(grads, self.layerwise)
 
     def _round(self, number: int, joined: bool = False):

@@ -35,10 +35,8 @@ class LocalSGD(DistributedWrapper):
         self._setup_rounds(False, self.period)
 
     def step(self, loss=None) -> None:
-        self._begin_step(loss)
-        self.optimizer.step()
-        if self._steps % self.period == 0:
-            self._run_round(self._steps // self.period)
+        """One step of the wrapped optimizer; every ``period`` steps, the averaging round."""
+        self._step_then_round(loss)
 
     def _round(self, number: int, joined: bool = False):
         """One averaging round; ``joined``: this rank has closed and only takes part."""

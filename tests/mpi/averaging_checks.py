@@ -41,6 +41,22 @@ with check("mgrawa_centre"):
     assert torch.allclose(model.weight, torch.full((1, 3), 4 / H4), rtol=1e-6), model.weight
     assert abs(float(opt.last_weights) - (1 / (rank + 1)) / H4) < 1e-12
 
+with check("grawa_fresh_gradient_weights"):
+    # The step's own gradients are zero on every rank (equal weights would give the plain mean
+    # 2.5); the fresh loss on a fixed batch has gradient 6 (r + 1) in each of 3 entries, so
+    # norms proportional to r + 1 and the centre 4 / H4, as computed by hand.
+    model = linear(rank + 1)
+    x_fixed = torch.ones(4, 3)
+    opt = hl.GRAWA(torch.optim.SGD(model.parameters(), lr=0.0), model, period=1, pull=1.0,
+                   fresh_loss=lambda m: m(x_fixed).pow(2).mean())
+    set_grads(model, 0.0)
+    opt.step(0.0)
+    assert torch.allclose(model.weight, torch.full((1, 3), 4 / H4), rtol=1e-6), model.weight
+    assert abs(float(opt.last_weights) - (1 / (rank + 1)) / H4) < 1e-9
+    assert torch.equal(model.weight.grad, torch.zeros(1, 3))  # .grad untouched
+    with pytest.raises(ValueError, match="fresh_loss"):
+        hl.GRAWA(torch.optim.SGD(model.parameters(), lr=0.0), model, fresh_loss=3)
+
 with check("lgrawa_per_tensor_weights"):
     # weight gradients rank the workers 0 < 1 < 2 < 3, bias gradients the other way round
     for layerwise in (True, False):

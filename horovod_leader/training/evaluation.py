@@ -1,0 +1,180 @@
+"""Test accuracy of the workers, the global leader, the centre and each group's centre.
+
+* **worker**: each rank's own model on the whole test set;
+* **leader** (LSGD): the global leader's worker accuracy;
+* **centre**: the workers' average x̄ = (1/p) Σ_i x_i (EASGD: its centre variable), with
+  batch-norm statistics re-estimated, as the papers report;
+* **group centres** (multi-leader LSGD): the average of each group's workers, re-estimated
+  the same way.
+
+Batch-norm re-estimation (``--bn-batches``): the running statistics are reset and recomputed
+as the cumulative average over the first K batches of the training set (``full``: all of it,
+the authors' choice), in index order, with the test transform. The K batches are shared out
+among the ranks that hold the average (batch k to the k mod m-th); each computes the mean of
+its batches' statistics, and one all-reduce combines them weighted by batch counts:
+
+    μ = Σ_r k_r μ_r / Σ_r k_r,  σ² = Σ_r k_r σ²_r / Σ_r k_r,
+
+which is exactly the cumulative average over all K batches that one process would compute.
+The test set is shared out the same way and the correct counts summed.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from horovod_leader.flat import key_name
+
+
+def count_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device, batch: int = 1024) -> int:
+    """Correctly classified samples among ``images`` (model in evaluation mode)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(labels), batch):
+            logits = model(images[i:i + batch].to(device, non_blocking=True))
+            correct += int((logits.argmax(1).cpu() == labels[i:i + batch]).sum())
+    model.train(was_training)
+    return correct
+
+
+def batch_norms(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def reestimate_batch_norm(model: nn.Module, batches) -> int:
+    """Reset every batch norm's running statistics and recompute them as the cumulative
+    average over ``batches`` (inputs only). Other layers run in evaluation mode, so dropout
+    draws no random numbers. Returns the number of batches seen."""
+    norms = batch_norms(model)
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+        m.train()
+    seen = 0
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+            seen += 1
+    model.eval()
+    return seen
+
+
+def merge_batch_norm(model: nn.Module, seen: int, hvd, process_set, name: str) -> None:
+    """Combine the members' re-estimated statistics, weighted by their batch counts."""
+    norms = batch_norms(model)
+    if not norms:
+        return
+    stats = [t for m in norms for t in (m.running_mean, m.running_var)]
+    flat = torch.cat([t.detach().reshape(-1).double() * seen for t in stats] + [torch.tensor([float(seen)],
+                                                                                          dtype=torch.float64)])
+    flat = hvd.allreduce(flat.cpu(), op=hvd.Sum, name=name, process_set=process_set)
+    total = float(flat[-1])
+    offset = 0
+    for t in stats:
+        n = t.numel()
+        t.copy_((flat[offset:offset + n] / max(total, 1.0)).view_as(t).to(t.dtype))
+        offset += n
+    for m in norms:
+        m.num_batches_tracked.fill_(int(total))
+
+
+class Evaluator:
+    """Measures a run's accuracies; every rank calls ``record`` at the same step (except the
+    intermediate evaluations of asynchronous runs, where only rank 0 measures its worker)."""
+
+    def __init__(self, model: nn.Module, opt, algo: str, pipeline, test_set, topo, hvd, device,
+                 bn_batches: Optional[int] = 20, asynchronous: bool = False):
+        self.model, self.opt, self.algo, self.pipeline = model, opt, algo, pipeline
+        self.topo, self.hvd, self.device = topo, hvd, device
+        self.bn_batches = bn_batches  # None: a full pass
+        self.asynchronous = asynchronous
+        images, self.test_labels = test_set.tensors
+        self.test_images = pipeline.augment.test(images).contiguous()
+
+    # ------------------------------------------------------------------ pieces
+    def worker_accuracy(self) -> float:
+        return count_correct(self.model, self.test_images, self.test_labels, self.device) / len(self.test_labels)
+
+    def average_model(self, process_set, name: str, easgd_centre: bool = False) -> nn.Module:
+        """A copy of the model holding the members' average parameters (with
+        ``easgd_centre``: EASGD's centre variable instead)."""
+        centre = copy.deepcopy(self.model)
+        copies = list(centre.parameters())
+        index = {id(p): i for i, p in enumerate(self.model.parameters())}
+        with torch.no_grad():
+            for key, flat in self.opt.params.items():  # one collective per packed buffer
+                if easgd_centre:
+                    average = self.opt.centre[key]
+                else:
+                    average = flat.flat.clone()
+                    self.hvd.allreduce_(average, op=self.hvd.Average, name=f"{name}.{key_name(key)}",
+                                        process_set=process_set)
+                for tensor, view in zip(flat.tensors, flat.views(average)):
+                    copies[index[id(tensor)]].copy_(view)
+        return centre
+
+    def shared_accuracy(self, model: nn.Module, position: int, members: int, process_set, name: str) -> float:
+        """Accuracy on the test set, split among the members (sample k to the k mod m-th)."""
+        mine = count_correct(model, self.test_images[position::members], self.test_labels[position::members],
+                             self.device)
+        total = self.hvd.allreduce(torch.tensor([float(mine)], dtype=torch.float64), op=self.hvd.Sum, name=name,
+                                   process_set=process_set)
+        return float(total[0]) / len(self.test_labels)
+
+    def centre(self, process_set, position: int, members: int, name: str, easgd_centre: bool = False) -> nn.Module:
+        """The members' average with batch-norm statistics re-estimated (identical on every
+        member); this member is at ``position`` of ``members``."""
+        centre = self.average_model(process_set, f"{name}.params", easgd_centre)
+        if batch_norms(centre):
+            seen = reestimate_batch_norm(centre, self.pipeline.evaluation_batches(self.bn_batches, position, members))
+            merge_batch_norm(centre, seen, self.hvd, process_set, f"{name}.bn")
+        return centre
+
+    def centre_accuracy(self, process_set, position: int, members: int, name: str,
+                        easgd_centre: bool = False) -> float:
+        """The members' re-estimated average on the test set."""
+        centre = self.centre(process_set, position, members, name, easgd_centre)
+        return self.shared_accuracy(centre, position, members, process_set, f"{name}.correct")
+
+    def group_centre_accuracies(self) -> List[float]:
+        """Each group's centre, in group order (every group measures its own at once)."""
+        topo = self.topo
+        mine = self.centre_accuracy(topo.process_set, topo.group_rank, topo.group_size, f"train.group{topo.group}")
+        everyone = self.hvd.allgather(torch.tensor([[float(topo.group), mine]], dtype=torch.float64),
+                                      name="train.group_centres").tolist()
+        by_group = {int(g): acc for g, acc in everyone}
+        return [by_group[g] for g in range(topo.num_groups)]
+
+    # ------------------------------------------------------------------ the record
+    def record(self, *, step: int, epoch: float, train_seconds: float, wall_seconds: float, mean_loss: float,
+               final: bool = False) -> Optional[Dict]:
+        """One metrics record (rank 0 writes it)."""
+        opt, hvd = self.opt, self.hvd
+        leader = getattr(opt, "global_leader", None)
+        base = {"train_seconds": train_seconds, "wall_seconds": wall_seconds, "step": step, "epoch": epoch}
+        if self.asynchronous and not final:
+            # No collectives between refreshes: rank 0 reports its own worker.
+            if self.topo.rank != 0:
+                return None
+            return {**base, "worker0_accuracy": self.worker_accuracy(), "loss": mean_loss,
+                    "comm_bytes": opt.comm_bytes, "global_leader": leader}
+        own = torch.tensor([self.worker_accuracy(), mean_loss, float(opt.comm_bytes), step], dtype=torch.float64)
+        everyone = hvd.allgather(own.reshape(1, -1), name="train.eval").tolist()
+        record = {**base, "worker_accuracies": [row[0] for row in everyone], "losses": [row[1] for row in everyone],
+                  "comm_bytes": [int(row[2]) for row in everyone], "steps": [int(row[3]) for row in everyone],
+                  "global_leader": leader, "local_leaders": None,
+                  "centre_accuracy": self.centre_accuracy(hvd.global_process_set, self.topo.rank, self.topo.size,
+                                                          "train.centre", easgd_centre=self.algo == "easgd")}
+        if self.algo == "lsgd":
+            local = -1 if opt.local_leader is None else opt.local_leader
+            record["local_leaders"] = hvd.allgather(torch.tensor([[local]]), name="train.leaders").flatten().tolist()
+            record["leader_accuracy"] = record["worker_accuracies"][leader] if leader is not None else None
+            if self.topo.num_groups > 1:
+                record["group_centre_accuracies"] = self.group_centre_accuracies()
+        return record
