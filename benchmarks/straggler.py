@@ -152,9 +152,9 @@ def worker(args) -> None:
             if asynchronous:  # staleness: how far behind the global count each round started
                 schedule = opt._schedule
                 lag = max((total // schedule.unit - n for n, total, _ in opt.rounds_history), default=0)
-                mine = [lag, schedule.started_during_training, len(opt.rounds_history), schedule.waits,
-                        schedule.wait_seconds]
-                everyone = hvd.allgather(torch.tensor([mine], dtype=torch.float64), name="bench.lag").tolist()
+                staleness = [lag, schedule.started_during_training, len(opt.rounds_history), schedule.waits,
+                             schedule.wait_seconds]
+                everyone = hvd.allgather(torch.tensor([staleness], dtype=torch.float64), name="bench.lag").tolist()
                 runs[f"{algo}-{mode}"].update({
                     "worst_lag_rounds": max(int(row[0]) for row in everyone),
                     "rounds_started_during_training": [int(row[1]) for row in everyone],

@@ -124,10 +124,12 @@ class RefreshDriver:
 
     def progress(self, block: bool = False) -> bool:
         """Resume the refresh while its collectives are done; True when nothing is pending."""
+        from horovod_leader.comm import poll, synchronize
+
         while self._gen is not None:
-            if not block and not all(self._hvd.poll(h) for h in self._handles):
+            if not block and not all(poll(h) for h in self._handles):
                 return False
-            self._resume([self._hvd.synchronize(h) for h in self._handles])
+            self._resume([synchronize(h) for h in self._handles])
         return True
 
     def _resume(self, results) -> None:

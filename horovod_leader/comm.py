@@ -19,6 +19,62 @@ def payload_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+class MPIGroup:
+    """A group's collectives over an mpi4py communicator instead of a Horovod process set.
+
+    Used when the groups' process sets could not be registered with Horovod: the program
+    called ``hvd.init()`` itself, without dynamic process sets, and Horovod 0.28.1 registers
+    static sets only at initialisation (re-initialising would finalise an MPI that Horovod
+    started). ``ranks`` are the global ranks of the group, in order.
+    """
+
+    def __init__(self, comm, ranks):
+        self.comm = comm
+        self.ranks = list(ranks)
+
+    def included(self) -> bool:
+        return True
+
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def __repr__(self) -> str:
+        return f"MPIGroup(ranks={self.ranks})"
+
+
+class MPIHandle:
+    """A posted mpi4py non-blocking collective, polled like a Horovod handle."""
+
+    def __init__(self, request, tensor: torch.Tensor):
+        self.request = request
+        self.tensor = tensor
+
+    def poll(self) -> bool:
+        return bool(self.request.Test())
+
+    def wait(self) -> torch.Tensor:
+        self.request.Wait()
+        return self.tensor
+
+
+def poll(handle) -> bool:
+    """Whether a posted collective (Horovod's or an ``MPIHandle``) has finished."""
+    if isinstance(handle, MPIHandle):
+        return handle.poll()
+    import horovod.torch as hvd
+
+    return hvd.poll(handle)
+
+
+def synchronize(handle):
+    """Wait for a posted collective and return its result."""
+    if isinstance(handle, MPIHandle):
+        return handle.wait()
+    import horovod.torch as hvd
+
+    return hvd.synchronize(handle)
+
+
 class Collectives:
     """Horovod collectives with byte accounting. One instance per optimizer wrapper."""
 
@@ -62,6 +118,14 @@ class Collectives:
 
     def broadcast_async_(self, tensor: torch.Tensor, root_rank: int, name: str, process_set: Optional[Any] = None):
         self.bytes += payload_bytes(tensor)
+        if isinstance(process_set, MPIGroup):
+            if tensor.device.type != "cpu" or not tensor.is_contiguous():
+                raise RuntimeError("group collectives over MPI (Horovod initialised without the groups' process "
+                                   "sets) need contiguous CPU tensors: call horovod_leader.init() instead of "
+                                   "hvd.init(), or hvd.init(process_sets='dynamic') before it")
+            # MPI has no bfloat16 type: the raw bytes travel, whatever the dtype.
+            request = process_set.comm.Ibcast(tensor.view(torch.uint8).numpy(), root=process_set.ranks.index(root_rank))
+            return MPIHandle(request, tensor)
         return self._hvd.broadcast_async_(tensor, root_rank=root_rank, name=self._tag(name),
                                           process_set=process_set or self._hvd.global_process_set)
 
@@ -72,4 +136,4 @@ class Collectives:
                                           process_set=process_set or self._hvd.global_process_set)
 
     def wait(self, handle):
-        return self._hvd.synchronize(handle)
+        return synchronize(handle)

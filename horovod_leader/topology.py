@@ -1,15 +1,25 @@
 """Topology: which ranks form a group (a node), and the Horovod process set of each group.
 
 The multi-leader setting of LSGD needs, for every rank, its *group*: the workers that share a
-node and a local leader. Groups come from MPI itself:
+node and a local leader. Groups come from the launcher:
 
-* by default, ``COMM_WORLD.Split_type(COMM_TYPE_SHARED)``: one group per node (shared memory
-  domain), which is what a cluster launch with several ranks per node gives;
+* by default, one group per node. Under an MPI launcher (mpirun, srun, horovodrun in MPI
+  mode) that is ``COMM_WORLD.Split_type(COMM_TYPE_SHARED)``, the shared-memory domain. In
+  Horovod's Gloo mode (``horovodrun --gloo``, elastic mode, a Horovod built without MPI) the
+  ranks were not started by MPI and mpi4py would see a world of one, so the groups come from
+  Horovod's own view of the hosts: ranks with the same first rank on their host
+  (``rank - local_rank``) share a node, and each node must hold ``local_size`` of them;
 * with ``group_size=k`` (or ``HOROVOD_LEADER_GROUP_SIZE=k``), contiguous blocks of k ranks,
   which is how several nodes are simulated on one machine.
 
-Every group gets a Horovod process set, registered when Horovod is initialised, so that group
-collectives (the local leader's broadcast) need no dynamic process sets.
+Every group gets a Horovod process set for its collectives (the local leader's broadcast).
+Under MPI the sets are registered when Horovod is initialised (re-initialising it when it
+already was). In Gloo mode Horovod is initialised only once, with dynamic process sets, and
+the sets are added to it: Horovod 0.28.1 cannot be re-initialised reliably there (see
+``_gloo_horovod``).
+
+What needs MPI itself says so: ``require_mpi(feature)`` raises ``MPIRequired`` with the cause
+and the fix on every rank, without communicating, when the run is in Gloo mode.
 """
 from __future__ import annotations
 
@@ -18,10 +28,104 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
 GROUP_SIZE_ENV = "HOROVOD_LEADER_GROUP_SIZE"
+NO_MPI_FIX = "launch with horovodrun in MPI mode or mpirun"
 
 # The topology of the last init(). Horovod's own state is per process, and so is this: it
 # lets wrappers built without an explicit ``topology=`` find the groups Horovod was given.
 _registry: dict = {}
+
+
+class MPIRequired(RuntimeError):
+    """A feature that needs MPI was asked for in a run without it (Horovod in Gloo mode)."""
+
+
+def launched_by_mpi() -> bool:
+    """True when the ranks were started by MPI (mpirun, srun, horovodrun in MPI mode).
+
+    False when Horovod runs in Gloo mode: ``horovodrun --gloo`` and elastic runs set
+    ``HOROVOD_CONTROLLER=gloo``, and a Horovod built without MPI has nothing else. Decided
+    from the environment and the build alone, so every rank gets the same answer without
+    communicating.
+    """
+    controller = os.environ.get("HOROVOD_CONTROLLER", "").strip().lower()
+    if controller:
+        return controller != "gloo"
+    import horovod.torch as hvd
+
+    return bool(hvd.mpi_built())
+
+
+def mpi_required_message(feature: str) -> str:
+    return (f"{feature} needs MPI's one-sided operations, which count every worker's steps for the "
+            "asynchronous rounds, and this run has no MPI: Horovod runs in Gloo mode (horovodrun --gloo, "
+            f"elastic mode, or a Horovod built without MPI). Fix: {NO_MPI_FIX}.")
+
+
+def require_mpi(feature: str) -> None:
+    """Raise ``MPIRequired`` naming ``feature``, the cause and the fix, when the run has no MPI.
+
+    Called where such a feature is built (the asynchronous variants' global step counter), so
+    that every rank stops there with the same message and no rank waits for another.
+    """
+    if not launched_by_mpi():
+        raise MPIRequired(mpi_required_message(feature))
+
+
+def world_rank() -> int:
+    """This process's rank in the whole job, without communicating."""
+    if launched_by_mpi():
+        from mpi4py import MPI
+        return MPI.COMM_WORLD.Get_rank()
+    return _horovod_env_int("HOROVOD_RANK", "rank")
+
+
+def world_size() -> int:
+    """The number of ranks in the whole job, without communicating (in Gloo mode outside
+    horovodrun, which sets ``HOROVOD_SIZE``, Horovod is initialised to ask it)."""
+    if launched_by_mpi():
+        from mpi4py import MPI
+        return MPI.COMM_WORLD.Get_size()
+    return _horovod_env_int("HOROVOD_SIZE", "size")
+
+
+def _horovod_env_int(variable: str, attribute: str) -> int:
+    # horovodrun --gloo tells every worker its rank and the world size in the environment;
+    # otherwise Horovod itself is asked (which initialises it).
+    raw = os.environ.get(variable, "").strip()
+    if raw.isdigit():
+        return int(raw)
+    return getattr(_gloo_horovod(), attribute)()
+
+
+def gather_from_every_rank(value: Any, name: str) -> List[Any]:
+    """One small all-gather of a picklable ``value`` that every rank must reach: over MPI when
+    the ranks were started by MPI, else over Horovod (Gloo), initialising it if needed.
+    Returns the values of ranks 0, 1, ... in order."""
+    if launched_by_mpi():
+        from mpi4py import MPI
+        return MPI.COMM_WORLD.allgather(value)
+    return _gloo_horovod().allgather_object(value, name=name)
+
+
+def _gloo_horovod():
+    """Horovod in Gloo mode, initialised once with dynamic process sets.
+
+    In Gloo mode Horovod is never initialised twice: Horovod 0.28.1's rendezvous server can
+    keep a finished rendezvous' addresses (its DELETE handler clears every scope's list of
+    finished ranks when one scope completes), and a re-initialising rank may then read a
+    peer's stale address and abort with "Connection refused". Dynamic process sets let
+    ``init()`` add the groups' sets to the one initialisation instead.
+    """
+    import horovod.torch as hvd
+
+    if not hvd.is_initialized():
+        hvd.init(process_sets="dynamic")
+        _registry["gloo_sets"] = {}
+    elif os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") != "1":
+        raise RuntimeError("Horovod was initialised (hvd.init()) in Gloo mode without dynamic process sets, and "
+                           "Horovod cannot be re-initialised reliably in Gloo mode: call horovod_leader.init() "
+                           "instead of hvd.init(), or hvd.init(process_sets='dynamic') before it")
+    return hvd
 
 
 def resolve_group_size(group_size: Optional[int], world_size: int) -> Optional[int]:
@@ -73,7 +177,8 @@ class Topology:
         group: index of this rank's group in ``groups``.
         process_set: Horovod process set of this rank's group (the global one when there is
             a single group).
-        comm: mpi4py communicator of this rank's group.
+        comm: mpi4py communicator of this rank's group; ``None`` when the ranks were not
+            started by MPI (Horovod in Gloo mode), where only Horovod's collectives exist.
     """
 
     rank: int
@@ -130,21 +235,60 @@ def split_groups(comm, group_size: Optional[int]) -> Tuple[Any, List[List[int]]]
     return group_comm, groups
 
 
+def groups_from_host_views(views: Sequence[Tuple[int, int]]) -> List[List[int]]:
+    """Groups from every rank's view of its host, ``(first rank of its host, local size)``,
+    given in rank order: ranks with the same first rank share a host.
+
+    horovodrun gives each host a contiguous block of ranks; anything else would make this rule
+    group ranks of different hosts, so it is refused rather than guessed.
+    """
+    groups = groups_from_colors([first for first, _ in views])
+    for ranks in groups:
+        first, local_size = views[ranks[0]]
+        if ranks != list(range(first, first + local_size)):
+            raise RuntimeError(f"Horovod's view of the hosts is not contiguous blocks of ranks (ranks {ranks} claim "
+                               f"the host that starts at rank {first}, of local size {local_size}): pass group_size")
+    return groups
+
+
+def horovod_host_groups() -> List[List[int]]:
+    """The ranks of each host, from Horovod's own view (Gloo mode). Horovod must be
+    initialised; one small all-gather, reached by every rank."""
+    import horovod.torch as hvd
+
+    views = hvd.allgather_object((hvd.rank() - hvd.local_rank(), hvd.local_size()),
+                                 name="horovod_leader.topology.hosts")
+    return groups_from_host_views(views)
+
+
 def init(group_size: Optional[int] = None, comm=None) -> Topology:
-    """Initialise Horovod over MPI with one process set per group and return the Topology.
+    """Initialise Horovod with one process set per group and return the Topology.
 
     Args:
         group_size: ranks per group. ``None`` (default) groups the ranks by node, unless the
             environment variable ``HOROVOD_LEADER_GROUP_SIZE`` is set. Must divide the world.
-        comm: the mpi4py communicator to run on (default ``MPI.COMM_WORLD``).
+        comm: the mpi4py communicator to run on (default ``MPI.COMM_WORLD``); MPI only.
 
-    If Horovod was already initialised (by ``hvd.init()`` or an earlier call), it is shut down
-    and initialised again, because process sets can only be registered at initialisation.
+    Works under MPI launchers and in Horovod's Gloo mode (see the module docstring); in Gloo
+    mode the returned ``Topology.comm`` is ``None``. Under MPI, an earlier ``init()``'s Horovod
+    is shut down and initialised again, because static process sets can only be registered at
+    initialisation; but a Horovod that the program initialised itself (``hvd.init()`` first,
+    as Horovod users do) is kept, since re-initialising it could finalise the MPI it started:
+    the groups' sets are then added to it when it has dynamic process sets, and otherwise
+    the group collectives run over the groups' mpi4py communicators (``comm.MPIGroup``). In
+    Gloo mode an earlier call's initialisation is kept and the new groups' sets are added to it.
 
     Raises:
         ValueError: on every rank, before any communication, when ``group_size`` does not
-            divide the world size or is below 1.
+            divide the world size or is below 1, or when ``comm`` is given without MPI.
+        RuntimeError: in Gloo mode, when Horovod was initialised by a plain ``hvd.init()``
+            (it cannot be re-initialised reliably there; see ``_gloo_horovod``).
     """
+    if not launched_by_mpi():
+        if comm is not None:
+            raise ValueError(f"comm: an MPI communicator needs ranks started by MPI, and this run is in Horovod's "
+                             f"Gloo mode ({NO_MPI_FIX}, or leave comm=None)")
+        return _init_gloo(group_size)
     from mpi4py import MPI
     import horovod.torch as hvd
 
@@ -152,19 +296,88 @@ def init(group_size: Optional[int] = None, comm=None) -> Topology:
     group_size = resolve_group_size(group_size, comm.Get_size())
     group_comm, groups = split_groups(comm, group_size)
 
+    if hvd.is_initialized() and not _registry.get("initialised_here"):
+        # The program called hvd.init() itself: re-initialising could finalise the MPI that
+        # Horovod started, so keep its initialisation and attach the groups to it.
+        return _attach(groups, group_comm)
     if hvd.is_initialized():
         hvd.shutdown()
-    # A process set equal to the whole world is Horovod's global set; registering it twice fails.
-    extra = [ranks for ranks in groups if len(ranks) < comm.Get_size()]
-    process_sets = [hvd.ProcessSet(ranks) for ranks in extra]
+    process_sets = _process_sets(groups, comm.Get_size())
     hvd.init(comm=comm, process_sets=process_sets)
+    _registry["initialised_here"] = True
+    return _register(groups, process_sets, group_comm)
+
+
+def _attach(groups: List[List[int]], group_comm) -> Topology:
+    """Groups for a Horovod that the program initialised itself (``hvd.init()``), under MPI.
+
+    With dynamic process sets (``hvd.init(process_sets="dynamic")`` or
+    ``HOROVOD_DYNAMIC_PROCESS_SETS=1``) the groups' sets are added to Horovod. Otherwise the
+    group collectives (the local leaders' broadcasts) run over the groups' mpi4py
+    communicators (``comm.MPIGroup``): Horovod 0.28.1 registers static sets only when it is
+    initialised.
+    """
+    import horovod.torch as hvd
+
+    from horovod_leader.comm import MPIGroup
+
+    if len(groups) == 1:
+        return _register(groups, [], group_comm)
+    if os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") == "1":
+        added = _registry.setdefault("dynamic_sets", {})
+        process_sets = []
+        for ranks in groups:  # collective: every rank adds the same sets in the same order
+            process_set = added.get(tuple(ranks))
+            if process_set is None or not _still_registered(process_set):
+                process_set = added[tuple(ranks)] = hvd.add_process_set(ranks)
+            process_sets.append(process_set)
+        return _register(groups, process_sets, group_comm)
+    rank = hvd.rank()
+    process_sets = [MPIGroup(group_comm if rank in ranks else None, ranks) for ranks in groups]
+    return _register(groups, process_sets, group_comm)
+
+
+def _init_gloo(group_size: Optional[int]) -> Topology:
+    """Gloo mode: groups from Horovod's view of the hosts (or blocks), no MPI communicator.
+    Horovod is initialised once (see ``_gloo_horovod``); the groups' process sets are added
+    to it, or reused when an earlier call added them."""
+    size = world_size()
+    group_size = resolve_group_size(group_size, size)
+    hvd = _gloo_horovod()
+    groups = blocks_of(size, group_size) if group_size is not None else horovod_host_groups()
+    added = _registry.setdefault("gloo_sets", {})  # ranks -> ProcessSet, added to this initialisation
+    process_sets = []
+    for ranks in groups:
+        if len(ranks) == size:
+            continue  # the global set
+        process_set = added.get(tuple(ranks))
+        if process_set is None or not _still_registered(process_set):
+            # Collective: every rank adds the same sets in the same order.
+            process_set = added[tuple(ranks)] = hvd.add_process_set(ranks)
+        process_sets.append(process_set)
+    return _register(groups, process_sets, None)
+
+
+def _still_registered(process_set) -> bool:
+    try:
+        return process_set.size() == len(process_set.ranks)
+    except ValueError:  # Horovod was shut down and initialised again since it was added
+        return False
+
+
+def _process_sets(groups: List[List[int]], size: int) -> list:
+    import horovod.torch as hvd
+
+    # A process set equal to the whole world is Horovod's global set; registering it twice fails.
+    return [hvd.ProcessSet(ranks) for ranks in groups if len(ranks) < size]
+
+
+def _register(groups: List[List[int]], process_sets: list, group_comm) -> Topology:
+    import horovod.torch as hvd
 
     rank = hvd.rank()
     group = next(index for index, ranks in enumerate(groups) if rank in ranks)
-    if len(groups) == 1:
-        all_sets = [hvd.global_process_set]
-    else:
-        all_sets = process_sets
+    all_sets = [hvd.global_process_set] if len(groups) == 1 else process_sets
     topology = Topology(rank=rank, size=hvd.size(), groups=groups, group=group,
                         process_set=all_sets[group], comm=group_comm, process_sets=all_sets)
     _registry["current"] = topology
@@ -180,9 +393,12 @@ def current() -> Topology:
         raise RuntimeError("Horovod is not initialised: call horovod_leader.init() first")
     topology = _registry.get("current")
     if topology is None or topology.size != hvd.size():
-        from mpi4py import MPI
+        if launched_by_mpi():  # hvd.init() alone: one group, or HOROVOD_LEADER_GROUP_SIZE's blocks
+            from mpi4py import MPI
+            group_comm, groups = split_groups(MPI.COMM_WORLD, resolve_group_size(None, hvd.size()) or hvd.size())
+            return _attach(groups, group_comm)
         topology = Topology(rank=hvd.rank(), size=hvd.size(), groups=[list(range(hvd.size()))], group=0,
-                            process_set=hvd.global_process_set, comm=MPI.COMM_WORLD,
+                            process_set=hvd.global_process_set, comm=None,
                             process_sets=[hvd.global_process_set])
         _registry["current"] = topology
     return topology

@@ -139,3 +139,11 @@ def test_diloco_and_compression():
     wrappers = ["lsgd1", "lsgd2", "lsgd1_async", "mgrawa", "lgrawa", "grawa_async", "easgd", "localsgd", "diloco"]
     expect_passes(result, ["diloco_outer_step", "diloco_state_dict_resumes", "compression_bytes",
                            "compression_copy_precision"] + [f"compression_every_wrapper_{w}" for w in wrappers])
+
+
+def test_hvd_init_first():
+    """``hvd.init()`` before horovod_leader and mpi4py are imported: then ``hl.init(group_size=2)``,
+    or nothing but HOROVOD_LEADER_GROUP_SIZE=2; multi-leader LSGD trains in both."""
+    for mode in ("then_init", "alone"):
+        result = run_mpi("hvd_first_checks.py", mode, timeout=180, env={"HOROVOD_LEADER_GROUP_SIZE": "2"})
+        expect_passes(result, [f"hvd_first_{mode}"])
