@@ -2,9 +2,12 @@
 
 Layout: ``OUT/checkpoints/step{S}/rank{r}.pt`` for every rank, then
 ``OUT/checkpoints/latest.json`` naming step S, written by rank 0 once every rank's file is
-complete; only then are older step folders removed. Each file is written to a temporary name
-and renamed. So a kill at any moment (during a rank's write, or between two ranks' writes)
-leaves ``latest.json`` pointing at a complete checkpoint: at most the steps since it are lost.
+complete; only then are older step folders removed. S is the largest step count of any rank:
+in synchronous runs every rank is at the same step; in asynchronous ones (which checkpoint at
+the end, after ``close()``) ranks may have taken different numbers of steps, and each file
+holds its own rank's count. Each file is written to a temporary name and renamed. So a kill
+at any moment (during a rank's write, or between two ranks' writes) leaves ``latest.json``
+pointing at a complete checkpoint: at most the steps since it are lost.
 
 Files are read with ``torch.load(weights_only=True)``: a checkpoint is tensors and plain
 containers, and a crafted file that carries a pickled payload is refused, not run.
@@ -59,7 +62,9 @@ def read(path: Path) -> dict:
 def save(trainer) -> None:
     """Every rank writes its own state; rank 0 then points latest.json at this step."""
     hvd = trainer.hvd
-    target = step_folder(trainer.out, trainer.step)
+    # One folder name for every rank, even when their step counts differ (asynchronous runs).
+    label = int(hvd.allgather(torch.tensor([trainer.step], dtype=torch.int64), name="checkpoint.label").max())
+    target = step_folder(trainer.out, label)
     if trainer.rank == 0:
         target.mkdir(parents=True, exist_ok=True)
     hvd.allreduce(torch.zeros(1), name="checkpoint.mkdir")  # the folder exists before anyone writes
@@ -78,7 +83,7 @@ def save(trainer) -> None:
     if trainer.rank == 0:
         marker = folder(trainer.out) / "latest.json"
         tmp = marker.with_name(".latest.json.tmp")
-        tmp.write_text(json.dumps({"step": trainer.step, "world_size": trainer.size, **clock}))
+        tmp.write_text(json.dumps({"step": label, "world_size": trainer.size, **clock}))
         os.replace(tmp, marker)
         for old in folder(trainer.out).glob("step*"):
             if old != target and old.is_dir():

@@ -5,7 +5,23 @@
 For each run folder (written by ``horovod_leader.train``): final and best test accuracy, the
 training time to reach ``--target`` accuracy, steps per second of training, and bytes
 communicated per step per worker. Plots: test error against training time (the papers'
-figure), the global leader's identity over time, and communication volume over time.
+figure, on a log axis so that one run that fails does not flatten the others), the global
+leader's identity over time, and communication volume over time.
+
+Which model a run's curve measures (the ``curve of`` column; the accuracy columns, the time
+to target and the plotted curve all use that one model):
+
+* synchronous LSGD: the global leader, as the LSGD paper reports;
+* synchronous GRAWA, local SGD and data-parallel SGD: the centre, the workers' average with
+  batch-norm statistics re-estimated; EASGD: its centre variable; DiLoCo: its outer
+  parameters;
+* asynchronous runs: rank 0's own worker. No collective may run between their refreshes, so
+  their intermediate evaluations measure rank 0's worker only; its final figure is taken
+  from the final record's per-worker accuracies. The final record also measures the leader
+  and the centre, shown in the ``final leader / centre`` column for every run.
+
+Bytes: ``comm_bytes`` (collective payload) plus, for the one-sided EASGD, which joins no
+collective, its window traffic ``one_sided_bytes``.
 
 Time is the training clock (``train_seconds``): wall-clock time with evaluation and
 checkpoint writes excluded, as the authors measure it. ``wall_seconds`` (everything
@@ -28,30 +44,85 @@ def load_run(folder: Path) -> Dict:
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not records:
         raise ValueError(f"{metrics_path} is empty")
-    label = config.get("algo", folder.name) + (" async" if config.get("asynchronous") else "")
-    return {"name": folder.name, "label": label, "config": config, "records": records}
+    return {"name": folder.name, "label": method_label(config, folder.name), "config": config,
+            "records": records, "model": curve_of(config, records)}
 
 
-def accuracy_of(record: Dict) -> Optional[float]:
-    """The accuracy the papers report: LSGD's leader, otherwise the centre (or rank 0's worker)."""
-    for key in ("leader_accuracy", "centre_accuracy", "worker0_accuracy"):
-        if record.get(key) is not None:
-            return float(record[key])
-    return None
+def method_label(config: Dict, fallback: str) -> str:
+    """``lsgd``, ``easgd one-sided async``, ``diloco adamw``, ``lsgd int8``, ..."""
+    parts = [config.get("algo", fallback)]
+    if config.get("easgd_variant") == "one-sided":
+        parts.append("one-sided")
+    if config.get("asynchronous"):
+        parts.append("async")
+    if config.get("inner_optimizer", "sgd") != "sgd":
+        parts.append(config["inner_optimizer"])
+    if config.get("compression", "none") != "none":
+        parts.append(config["compression"])
+    return " ".join(parts)
+
+
+ASYNC_WORKER = "rank 0's worker"
+
+
+def curve_of(config: Dict, records: List[Dict]) -> str:
+    """Which model the run's accuracy curve measures (see the module's docstring)."""
+    if config.get("asynchronous") or (not config and any("worker0_accuracy" in r for r in records)):
+        return ASYNC_WORKER
+    algo = config.get("algo")
+    if algo == "lsgd" or (not config and any(r.get("leader_accuracy") is not None for r in records)):
+        return "leader"
+    return {"easgd": "EASGD centre", "diloco": "outer parameters"}.get(algo, "centre (workers' average)")
+
+
+def accuracy_of(record: Dict, model: Optional[str] = None) -> Optional[float]:
+    """The accuracy of ``model`` (``curve_of``) in one record, or None. Without ``model``: the
+    record's headline figure, LSGD's leader, otherwise the centre, otherwise rank 0's worker
+    (which, in an asynchronous run, changes model between the intermediate records and the
+    final one: plot ``curve(run)`` instead)."""
+    if model is None:
+        for key in ("leader_accuracy", "centre_accuracy", "worker0_accuracy"):
+            if record.get(key) is not None:
+                return float(record[key])
+        return None
+    if model == ASYNC_WORKER:
+        if record.get("worker0_accuracy") is not None:
+            return float(record["worker0_accuracy"])
+        workers = record.get("worker_accuracies")
+        return float(workers[0]) if workers else None
+    key = "leader_accuracy" if model == "leader" else "centre_accuracy"
+    return None if record.get(key) is None else float(record[key])
+
+
+def curve(run: Dict) -> List:
+    """(training seconds, accuracy) of the run's model, in order."""
+    return [(r["train_seconds"], a) for r in run["records"] if (a := accuracy_of(r, run["model"])) is not None]
 
 
 def bytes_of(record: Dict) -> float:
-    value = record.get("comm_bytes", 0)
-    return float(value[0] if isinstance(value, list) else value)
+    """Bytes sent by rank 0's worker so far: collectives, plus one-sided window traffic."""
+    total = 0.0
+    for key in ("comm_bytes", "one_sided_bytes"):
+        value = record.get(key, 0)
+        total += float(value[0] if isinstance(value, list) else value)
+    return total
+
+
+def final_figures(record: Dict) -> str:
+    """The final record's leader and centre accuracies (whatever the curve measures)."""
+    parts = [f"{name} {record[key]:.4f}" for name, key in (("leader", "leader_accuracy"), ("centre", "centre_accuracy"))
+             if record.get(key) is not None]
+    return ", ".join(parts) or "-"
 
 
 def summarise(run: Dict, target: float) -> Dict:
     records = run["records"]
-    accs = [(r["train_seconds"], accuracy_of(r)) for r in records if accuracy_of(r) is not None]
+    accs = curve(run)
     last = records[-1]
     reached = next((t for t, a in accs if a >= target), None)
     steps = max(last["step"], 1)
-    return {"run": run["name"], "method": run["label"], "final_accuracy": accs[-1][1] if accs else None,
+    return {"run": run["name"], "method": run["label"], "curve_of": run["model"],
+            "final_leader_centre": final_figures(last), "final_accuracy": accs[-1][1] if accs else None,
             "best_accuracy": max(a for _, a in accs) if accs else None, "time_to_target_s": reached,
             "steps_per_s": last["step"] / last["train_seconds"] if last["train_seconds"] > 0 else None,
             "bytes_per_step": bytes_of(last) / steps, "steps": last["step"],
@@ -73,15 +144,35 @@ def flatness_cell(summary: Dict, key: str) -> str:
 
 def table(summaries: List[Dict], target: float) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    lines = [f"| run | method | final acc. | best acc. | training time to {target:.2f} (s) | steps/s | "
-             "bytes/step/worker | Hessian trace | top eigenvalue |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| run | method | curve of | final acc. | best acc. | training time to {target:.2f} (s) | "
+             "final leader / centre | steps/s | bytes/step/worker | Hessian trace | top eigenvalue |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
-        lines.append(f"| {s['run']} | {s['method']} | {fmt(s['final_accuracy'], '.4f')} | "
+        lines.append(f"| {s['run']} | {s['method']} | {s['curve_of']} | {fmt(s['final_accuracy'], '.4f')} | "
                      f"{fmt(s['best_accuracy'], '.4f')} | {fmt(s['time_to_target_s'], '.1f')} | "
+                     f"{s['final_leader_centre']} | "
                      f"{fmt(s['steps_per_s'], '.1f')} | {fmt(s['bytes_per_step'], ',.0f')} | "
                      f"{flatness_cell(s, 'hessian_trace')} | {flatness_cell(s, 'hessian_top_eigenvalue')} |")
     return "\n".join(lines)
+
+
+ERROR_FLOOR = 0.01  # percent: a perfect score is drawn here, since a log axis has no 0
+
+
+def error_figure(runs: List[Dict]):
+    """Test error (%) of each run's model against training time, on a log axis; the legend
+    names the model each curve measures."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        pts = curve(run)
+        ax.plot([t for t, _ in pts], [max(100 * (1.0 - a), ERROR_FLOOR) for _, a in pts], marker=".",
+                label=f"{run['name']} ({run['label']}: {run['model']})")
+    ax.set_yscale("log")
+    return fig
 
 
 def plots(runs: List[Dict], out: Path) -> List[Path]:
@@ -103,12 +194,9 @@ def plots(runs: List[Dict], out: Path) -> List[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        pts = [(r["train_seconds"], accuracy_of(r)) for r in run["records"] if accuracy_of(r) is not None]
-        ax.plot([t for t, _ in pts], [100 * (1.0 - a) for _, a in pts], marker=".",
-                label=f"{run['name']} ({run['label']})")
-    finish(fig, ax, "test_error_vs_time.png", "test error (%)", "Test error against time (LSGD: leader; others: centre)")
+    fig = error_figure(runs)
+    finish(fig, fig.axes[0], "test_error_vs_time.png", "test error (%), log scale",
+           "Test error against training time")
 
     with_leaders = [r for r in runs if any(rec.get("global_leader") is not None for rec in r["records"])]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -144,7 +232,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     summaries = [summarise(run, args.target) for run in runs]
     markdown = table(summaries, args.target)
     note = ("Times are training time (`train_seconds`): wall-clock time with evaluation and checkpoint writes "
-            "excluded, as the papers measure it.")
+            "excluded, as the papers measure it. `curve of` names the model that final acc., best acc. and the "
+            "time to target measure: LSGD's leader, the centre (EASGD's centre variable, DiLoCo's outer "
+            "parameters), or, for asynchronous runs, rank 0's own worker (no collective runs between their "
+            "refreshes); `final leader / centre` is the last record's.")
     (out / "report.md").write_text(markdown + "\n\n" + note + "\n")
     (out / "summary.json").write_text(json.dumps(summaries, indent=2))
     paths = plots(runs, out)

@@ -1,4 +1,4 @@
-"""Train a model with LSGD, GRAWA or a baseline, under horovodrun or mpirun.
+"""Train a model with LSGD, GRAWA, EASGD, local SGD, DiLoCo or data-parallel SGD, under horovodrun or mpirun.
 
     mpirun -np 4 python -m horovod_leader.train --algo lsgd --time-budget 60 --out runs/lsgd
     horovodrun -np 8 -H host1:4,host2:4 horovod-leader-train --preset paper --algo mgrawa \\
@@ -7,12 +7,13 @@
 Each epoch the training set is reshuffled and split into one disjoint slice per rank
 (``--sampling``); CIFAR-10 batches are augmented as tensors (``--augment``). At intervals of
 training time the test accuracy of every worker, of the global leader (LSGD), of the centre
-(the workers' average with batch-norm statistics re-estimated; EASGD's centre variable) and,
-in multi-leader runs, of each group's centre is measured; evaluation time does not count as
-training time. Rank 0 shows a progress bar and writes ``OUT/config.json`` and
-``OUT/metrics.jsonl`` (one record per evaluation); checkpoints go to ``OUT/checkpoints`` and
-``--resume OUT`` continues from the last one. ``python -m horovod_leader.report OUT ...``
-turns runs into a table and plots.
+(the workers' average with batch-norm statistics re-estimated; EASGD's centre variable,
+DiLoCo's outer parameters) and, in multi-leader runs, of each group's centre is measured;
+evaluation time does not count as training time. Rank 0 shows progress (a bar on a terminal,
+a line every 10 s on piped output) and writes ``OUT/config.json`` and ``OUT/metrics.jsonl``
+(one record per evaluation); checkpoints go to ``OUT/checkpoints`` and ``--resume OUT``
+continues from the last one with the configuration saved in ``OUT/config.json``.
+``python -m horovod_leader.report OUT ...`` turns runs into a table and plots.
 """
 from __future__ import annotations
 
@@ -24,8 +25,12 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-ALGOS = ("lsgd", "mgrawa", "lgrawa", "easgd", "localsgd", "dp")
+ALGOS = ("lsgd", "mgrawa", "lgrawa", "easgd", "localsgd", "diloco", "dp")
 ASYNC_ALGOS = ("lsgd", "mgrawa", "lgrawa", "easgd")
+COMPRESSED_ALGOS = ("lsgd", "mgrawa", "lgrawa", "easgd", "localsgd", "diloco")  # not dp, not one-sided EASGD
+INNER_OPTIMIZERS = ("sgd", "adamw")
+EASGD_VARIANTS = ("rounds", "one-sided")
+ADAMW_LR = 1e-3  # --lr's default with --inner-optimizer adamw
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,6 +39,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise ValueError(message)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default once: ``(default: X)`` is added unless the help text already
+    states the default in words (options whose default depends on others have default None and
+    say so), and not for on/off flags."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or (
+                action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)):
+            return text
+        if action.default == []:
+            return (text + " (default: none)").strip()
+        return (text + " (default: %(default)s)").strip()
 
 
 def _bn_batches(text: str):
@@ -56,15 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
     from horovod_leader.training.presets import PRESETS
 
     p = _Parser(prog="horovod-leader-train", description=__doc__.splitlines()[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=_HelpFormatter)
     g = p.add_argument_group("algorithm and data")
-    g.add_argument("--algo", default="lsgd", choices=ALGOS)
+    g.add_argument("--algo", default="lsgd", choices=ALGOS, help="method")
     g.add_argument("--async", dest="asynchronous", action="store_true",
                    help="asynchronous variant (lsgd, mgrawa, lgrawa, easgd)")
+    g.add_argument("--easgd-variant", default="rounds", choices=EASGD_VARIANTS,
+                   help="easgd: rounds = the centre replicated and updated in elastic rounds (what the LSGD and "
+                        "GRAWA papers compared against; synchronous, or asynchronous with --async); one-sided = "
+                        "the EASGD paper's asynchronous EASGD, a sharded centre reached by one-sided MPI with no "
+                        "collectives (asynchronous by nature: give --async too; CPU only)")
+    g.add_argument("--inner-optimizer", default="sgd", choices=INNER_OPTIMIZERS,
+                   help="every worker's local optimizer, for every --algo (DiLoCo's inner optimizer): sgd = SGD "
+                        "with --momentum and --nesterov; adamw = AdamW with betas (0.9, 0.999) and decoupled "
+                        "--weight-decay (the DiLoCo paper's choice; sgd keeps the methods comparable)")
+    g.add_argument("--compression", default="none", choices=("none", "bf16", "int8"),
+                   help="what the methods exchange, compressed: LSGD's leader broadcasts; the mgrawa, lgrawa, "
+                        "easgd (rounds), localsgd and diloco averages; not dp nor the one-sided easgd")
     g.add_argument("--preset", default=None, choices=PRESETS,
                    help="paper: the authors' hyperparameters for --algo and --model; options given explicitly win")
-    g.add_argument("--model", default="cnn", choices=MODELS)
-    g.add_argument("--dataset", default="digits", choices=DATASETS)
+    g.add_argument("--model", default="cnn", choices=MODELS, help="network")
+    g.add_argument("--dataset", default="digits", choices=DATASETS, help="data set")
     g.add_argument("--data-dir", default="data", help="where cifar10 lives (cifar-10-batches-py)")
     g.add_argument("--download", action="store_true", help="download cifar10 into --data-dir")
     g.add_argument("--mnist1d-samples", type=int, default=None,
@@ -81,29 +113,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many seconds of training time (evaluation excluded)")
     g.add_argument("--epochs", type=float, default=None, help="stop after this many epochs (default 10 "
                    "when no --time-budget)")
-    g.add_argument("--group-size", type=int, default=None, help="ranks per group (default: ranks per node)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--group-size", type=int, default=None,
+                   help="ranks per group (by default the ranks of each node form a group)")
+    g.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: the GPU of this rank's local rank when CUDA is available")
     g = p.add_argument_group("hyperparameters (see --preset paper for the authors' CIFAR-10 settings)")
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate of the workers' optimizer (default 0.1; {ADAMW_LR:g} with "
+                        f"--inner-optimizer adamw)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD's momentum (--inner-optimizer sgd)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
+                   help="SGD's Nesterov momentum (--inner-optimizer sgd)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 (sgd) or decoupled (adamw) weight decay")
     g.add_argument("--batch-size", type=int, default=128, help="per worker")
     g.add_argument("--period", type=int, default=None,
-                   help="communication period tau (default: 4 for lsgd/easgd/localsgd, 32 for grawa)")
-    g.add_argument("--global-period", type=int, default=None, help="LSGD's tau_G (default: 4 x period)")
-    g.add_argument("--local-pull", type=float, default=0.1, help="LSGD's lambda")
-    g.add_argument("--global-pull", type=float, default=0.1, help="LSGD's lambda_G")
-    g.add_argument("--pull", type=float, default=0.5, help="GRAWA's pull")
-    g.add_argument("--prox", type=float, default=0.0, help="per-step proximal pull (LSGD, GRAWA)")
-    g.add_argument("--score-window", type=int, default=None, help="LSGD: losses averaged into the score")
-    g.add_argument("--norm-decay", type=float, default=0.0, help="GRAWA: smoothing of the gradient norms")
+                   help="communication period tau: steps between rounds (default 4 for lsgd, easgd, localsgd; 32 "
+                        "for mgrawa, lgrawa and diloco)")
+    g.add_argument("--global-period", type=int, default=None, help="lsgd's tau_G (default 4 x --period)")
+    g.add_argument("--local-pull", type=float, default=0.1, help="lsgd's lambda")
+    g.add_argument("--global-pull", type=float, default=0.1, help="lsgd's lambda_G")
+    g.add_argument("--pull", type=float, default=0.5, help="mgrawa's and lgrawa's pull lambda")
+    g.add_argument("--prox", type=float, default=0.0, help="per-step proximal pull (lsgd, mgrawa, lgrawa)")
+    g.add_argument("--score-window", type=int, default=None,
+                   help="lsgd: losses averaged into the score (default --period)")
+    g.add_argument("--norm-decay", type=float, default=0.0,
+                   help="mgrawa, lgrawa: smoothing of the gradient norms")
     g.add_argument("--fresh-batch", type=int, default=0,
-                   help="GRAWA: weights from the gradient on this many fresh random training samples at each "
-                        "averaging (0: the current minibatch's gradient)")
-    g.add_argument("--beta", type=float, default=0.9, help="EASGD's beta (alpha = beta / workers)")
+                   help="mgrawa, lgrawa: weights from the gradient on this many fresh random training samples at "
+                        "each averaging (0: the current minibatch's gradient)")
+    g.add_argument("--beta", type=float, default=0.9, help="easgd's beta (alpha = beta / workers)")
+    g.add_argument("--outer-lr", type=float, default=0.7, help="diloco's outer learning rate")
+    g.add_argument("--outer-momentum", type=float, default=0.9,
+                   help="diloco's outer Nesterov momentum (0: plain outer SGD)")
     g.add_argument("--lr-milestones", type=float, nargs="*", default=[], help="epochs at which the LR drops")
     g.add_argument("--lr-time-milestones", type=float, nargs="*", default=[],
                    help="seconds of training time (evaluation excluded) at which the LR drops, as in the papers")
@@ -111,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--out", default="runs/run", help="output folder")
     g.add_argument("--eval-every", type=float, default=None,
-                   help="seconds of training time between evaluations (default: about 10 per run)")
+                   help="seconds of training time between evaluations (default a tenth of --time-budget; "
+                        "without a budget, every tenth of the steps)")
     g.add_argument("--bn-batches", type=_bn_batches, default=20, metavar="N|full",
                    help="training batches over which the centre's batch-norm statistics are re-estimated "
                         "(full: a whole pass, the authors' choice)")
@@ -120,13 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at the end, the Hessian trace and top eigenvalue of the centre (and LSGD's leader) on "
                         "the first --flatness-batches training batches, into metrics.jsonl")
     g.add_argument("--flatness-batches", type=int, default=10, help="training batches for --flatness")
-    g.add_argument("--resume", default=None, metavar="OUT", help="continue the run in OUT from its last checkpoint")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--resume", default=None, metavar="OUT",
+                   help="continue the run in OUT from its last checkpoint, with the configuration saved in "
+                        "OUT/config.json; options given again must repeat it, except --time-budget, --epochs, "
+                        "--eval-every, --checkpoint-every and --no-progress")
+    g.add_argument("--no-progress", action="store_true", help="no progress display")
     return p
 
 
-def validate(args) -> None:
-    """Every check that needs no communication, on every rank, before any collective."""
+def validate(args, explicit=frozenset()) -> None:
+    """Every check that needs no communication, on every rank, before any collective.
+    ``explicit``: the destinations given on the command line (some options are refused only
+    when given for a method they do not apply to)."""
     from horovod_leader import data, models
     from horovod_leader.training import augment
     from horovod_leader.validation import check_fraction, check_int, check_multiple, check_real
@@ -139,6 +187,7 @@ def validate(args) -> None:
         check_real("--epochs", args.epochs, 0.0, math.inf, low_open=True)
     if args.asynchronous and args.algo not in ASYNC_ALGOS:
         raise ValueError(f"--async is available for {list(ASYNC_ALGOS)}, not --algo {args.algo}")
+    validate_method_options(args, explicit)
     from horovod_leader.topology import launched_by_mpi, mpi_required_message
     if args.asynchronous and not launched_by_mpi():
         raise ValueError(mpi_required_message("--async"))
@@ -147,7 +196,7 @@ def validate(args) -> None:
     check_real("--weight-decay", args.weight_decay, 0.0, math.inf)
     check_int("--batch-size", args.batch_size)
     if args.period is None:
-        args.period = 32 if args.algo in ("mgrawa", "lgrawa") else 4
+        args.period = 32 if args.algo in ("mgrawa", "lgrawa", "diloco") else 4
     check_int("--period", args.period)
     if args.global_period is None:
         args.global_period = 4 * args.period
@@ -196,21 +245,83 @@ def validate(args) -> None:
     resolve_group_size(args.group_size, world_size())
 
 
+def validate_method_options(args, explicit=frozenset()) -> None:
+    """The options that belong to some methods only: the inner optimizer, compression, DiLoCo's
+    outer step and the EASGD variant. Refused, naming the option, where they do not apply."""
+    from horovod_leader.validation import check_real
+
+    if args.inner_optimizer not in INNER_OPTIMIZERS:
+        raise ValueError(f"--inner-optimizer {args.inner_optimizer!r} is not one of {list(INNER_OPTIMIZERS)}")
+    if args.inner_optimizer == "adamw":
+        for dest, option in (("momentum", "--momentum"), ("nesterov", "--nesterov/--no-nesterov")):
+            if dest in explicit:
+                raise ValueError(f"{option} is SGD's; --inner-optimizer adamw uses AdamW's betas (0.9, 0.999)")
+        if getattr(args, "preset", None) is not None:
+            raise ValueError("--preset paper sets the authors' SGD hyperparameters; it cannot be combined with "
+                             "--inner-optimizer adamw")
+    if args.lr is None:
+        args.lr = ADAMW_LR if args.inner_optimizer == "adamw" else 0.1
+    if args.compression not in ("none", "bf16", "int8"):
+        raise ValueError(f"--compression {args.compression!r} is not one of ['none', 'bf16', 'int8']")
+    one_sided = args.algo == "easgd" and args.easgd_variant == "one-sided"
+    if args.compression != "none" and (args.algo not in COMPRESSED_ALGOS or one_sided):
+        what = "--algo dp (Horovod's data-parallel all-reduce)" if args.algo == "dp" else \
+            "--easgd-variant one-sided (it sends no collectives)"
+        raise ValueError(f"--compression {args.compression} is not available with {what}; it covers "
+                         f"{list(COMPRESSED_ALGOS)}")
+    if args.easgd_variant not in EASGD_VARIANTS:
+        raise ValueError(f"--easgd-variant {args.easgd_variant!r} is not one of {list(EASGD_VARIANTS)}")
+    if args.easgd_variant == "one-sided":
+        if args.algo != "easgd":
+            raise ValueError(f"--easgd-variant one-sided is an EASGD variant: use it with --algo easgd, "
+                             f"not --algo {args.algo}")
+        if not args.asynchronous:
+            raise ValueError("--easgd-variant one-sided is asynchronous by nature (no rounds, no collectives): "
+                             "give --async too")
+        if args.device == "cuda":
+            raise ValueError("--easgd-variant one-sided keeps its centre in MPI windows in host memory: it needs "
+                             "--device cpu (or auto, which then trains on the CPU)")
+    for dest, option in (("outer_lr", "--outer-lr"), ("outer_momentum", "--outer-momentum")):
+        if dest in explicit and args.algo != "diloco":
+            raise ValueError(f"{option} is DiLoCo's outer step: use it with --algo diloco, not --algo {args.algo}")
+    check_real("--outer-lr", args.outer_lr, 0.0, math.inf, low_open=True)
+    check_real("--outer-momentum", args.outer_momentum, 0.0, 1.0, high_open=True)
+
+
+def make_optimizer(args, model):
+    """The workers' own optimizer (``--inner-optimizer``), over ``model``'s parameters."""
+    import torch
+
+    if args.inner_optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                           nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)
+
+
 def make_wrapper(args, optimizer, model, fresh_loss=None):
     import horovod_leader as hl
 
+    compression = {"compression": None if args.compression == "none" else args.compression}
     if args.algo == "lsgd":
         return hl.LSGD(optimizer, model, period=args.period, global_period=args.global_period,
                        local_pull=args.local_pull, global_pull=args.global_pull, prox=args.prox,
-                       score_window=args.score_window, asynchronous=args.asynchronous)
+                       score_window=args.score_window, asynchronous=args.asynchronous, **compression)
     if args.algo in ("mgrawa", "lgrawa"):
         extra = {"fresh_loss": fresh_loss} if fresh_loss is not None else {}
         return hl.GRAWA(optimizer, model, period=args.period, pull=args.pull, layerwise=args.algo == "lgrawa",
-                        prox=args.prox, norm_decay=args.norm_decay, asynchronous=args.asynchronous, **extra)
+                        prox=args.prox, norm_decay=args.norm_decay, asynchronous=args.asynchronous, **compression,
+                        **extra)
+    if args.algo == "easgd" and args.easgd_variant == "one-sided":
+        return hl.OneSidedEASGD(optimizer, model, period=args.period, beta=args.beta)
     if args.algo == "easgd":
-        return hl.EASGD(optimizer, model, period=args.period, beta=args.beta, asynchronous=args.asynchronous)
+        return hl.EASGD(optimizer, model, period=args.period, beta=args.beta, asynchronous=args.asynchronous,
+                        **compression)
     if args.algo == "localsgd":
-        return hl.LocalSGD(optimizer, model, period=args.period)
+        return hl.LocalSGD(optimizer, model, period=args.period, **compression)
+    if args.algo == "diloco":
+        # The paper's Nesterov outer step; with --outer-momentum 0 it is plain SGD on the pseudo-gradient.
+        return hl.DiLoCo(optimizer, model, period=args.period, outer_lr=args.outer_lr,
+                         outer_momentum=args.outer_momentum, nesterov=args.outer_momentum > 0, **compression)
     return hl.DataParallel(optimizer, model)
 
 
@@ -233,7 +344,9 @@ class Trainer:
         self.out = Path(args.resume or args.out)
         torch.manual_seed(args.seed)
         train, test, channels, classes = self.load_data()
-        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        # The one-sided EASGD's centre lives in MPI windows in host memory: it trains on the CPU.
+        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available() and
+                                             args.easgd_variant != "one-sided")
         if use_cuda:
             torch.cuda.set_device(hvd.local_rank())
         self.device = torch.device("cuda", hvd.local_rank()) if use_cuda else torch.device("cpu")
@@ -242,8 +355,7 @@ class Trainer:
         self.model = models.build(args.model, classes, channels, input_shape=train.tensors[0].shape[1:],
                                   width=args.width).to(self.device)  # before wrapping
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
-        self.sgd = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum,
-                                   nesterov=args.nesterov and args.momentum > 0, weight_decay=args.weight_decay)
+        self.sgd = make_optimizer(args, self.model)  # the workers' own optimizer (SGD or AdamW)
         grawa = args.algo in ("mgrawa", "lgrawa")
         self.fresh = FreshBatchLoss(self.pipeline, args.fresh_batch) if grawa and args.fresh_batch else None
         self.opt = make_wrapper(args, self.sgd, self.model, self.fresh)
@@ -275,7 +387,8 @@ class Trainer:
         return sum(recent) / len(recent) if recent else float("nan")
 
     def write_config(self) -> None:
-        """``config.json``: argparse's destinations with the values this run uses."""
+        """``config.json``: argparse's destinations with the values this run uses (rewritten on
+        resume, with the budget and intervals of the new segment)."""
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps({**vars(self.args), "world_size": self.size,
@@ -301,8 +414,7 @@ class Trainer:
         args, torch = self.args, self.torch
         if args.resume:
             checkpoint.load(self)
-        else:
-            self.write_config()
+        self.write_config()
         total_steps = None if args.epochs is None else int(args.epochs * self.steps_per_epoch)
         budget = args.time_budget
         eval_every = args.eval_every or (budget / 10 if budget else None)
@@ -310,14 +422,14 @@ class Trainer:
         sync_every = max(1, args.period if args.algo != "dp" else 10)
         bar = None
         if self.rank == 0 and not args.no_progress:
-            from tqdm import tqdm
-            bar = tqdm(total=total_steps, initial=self.step, desc=f"{args.algo}{' async' if args.asynchronous else ''}",
-                       dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+            from horovod_leader.training.progress import Progress
+            bar = Progress(total_steps, self.step, f"{args.algo}{' async' if args.asynchronous else ''}")
         self.clock.start()
         seconds, wall = self.clock.agreed(self.hvd, args.asynchronous)
         next_eval = (seconds + eval_every) if eval_every else None
         last_acc = None
-        done = False
+        # A resumed run that already reached its budget takes no further step.
+        done = (total_steps is not None and self.step >= total_steps) or (budget is not None and seconds >= budget)
         skip = self.step % self.steps_per_epoch  # resuming mid-epoch: skip the batches already seen
         epoch_index = self.step // self.steps_per_epoch
         while not done:
@@ -355,8 +467,9 @@ class Trainer:
                 epoch_index += 1
         self.opt.close()
         seconds, wall = self.clock.train_seconds(), self.clock.wall_seconds()
-        if not args.asynchronous:
-            self.save_checkpoint()
+        # After close() every rank's state is final (asynchronous runs: every round served,
+        # the one-sided EASGD's centre shards complete), so every run can resume from here.
+        self.save_checkpoint()
         last_acc = self.final_evaluation(seconds, wall)
         if bar is not None:
             bar.close()
@@ -392,23 +505,33 @@ class Trainer:
         return None
 
 
-def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse the command line and apply ``--preset`` to what it does not set explicitly."""
-    from horovod_leader.training import presets
+def parse_explicit(argv: Optional[List[str]] = None):
+    """(args, the destinations given on the command line). With ``--resume OUT`` the options come
+    from ``OUT/config.json`` (``training.resume``); otherwise ``--preset`` fills in what the
+    command line does not set explicitly."""
+    from horovod_leader.training import presets, resume
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.preset is not None:
-        presets.apply(args, presets.explicit_dests(parser, argv))
-    return args
+    explicit = presets.explicit_dests(parser, argv)
+    if args.resume is not None:
+        args = resume.restore(args, explicit, parser)
+    elif args.preset is not None:
+        presets.apply(args, explicit)
+    return args, explicit
+
+
+def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse the command line (``--resume`` and ``--preset`` applied); see ``parse_explicit``."""
+    return parse_explicit(argv)[0]
 
 
 def parse_and_validate(argv: Optional[List[str]]):
     """(args, None) or (None, error message); never exits and never communicates."""
     try:
-        args = parse(argv)
-        validate(args)
+        args, explicit = parse_explicit(argv)
+        validate(args, explicit)
         return args, None
     except ValueError as error:
         return None, str(error)
@@ -433,8 +556,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     import horovod_leader as hl
 
     topo = hl.init(group_size=args.group_size)
-    Trainer(args, topo).run()
     import horovod.torch as hvd
+    if args.resume is not None:
+        from horovod_leader.training import resume
+        try:  # the same files and groups on every rank: every rank decides alike
+            resume.check_groups(resume.saved_config(args.resume).get("groups"), topo.groups)
+        except ValueError as error:
+            if topo.rank == 0:
+                print(f"horovod-leader-train: error: {error}", file=sys.stderr, flush=True)
+            hvd.shutdown()
+            return 2
+    Trainer(args, topo).run()
     hvd.shutdown()
     return 0
 

@@ -81,6 +81,48 @@ def test_four_rank_run_and_report(tmp_path):
         assert (tmp_path / "report" / name).stat().st_size > 0
 
 
+def write_run(folder, config, rows):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_names_the_model_each_curve_measures(tmp_path):
+    """An asynchronous run's curve is rank 0's worker (its intermediate records hold nothing
+    else), so its time to target and accuracies come from that worker, and say so; the error
+    axis is logarithmic, so a failed run (90% error) leaves the others readable."""
+    from horovod_leader import report
+
+    base = {"wall_seconds": 0.0, "comm_bytes": [0] * 4}
+    write_run(tmp_path / "sync", {"algo": "lsgd", "world_size": 4}, [
+        {**base, "train_seconds": t, "step": 10 * t, "leader_accuracy": a, "centre_accuracy": a - 0.1}
+        for t, a in ((1, 0.5), (2, 0.93), (3, 0.97))])
+    write_run(tmp_path / "async", {"algo": "lsgd", "asynchronous": True, "compression": "int8"}, [
+        {**base, "train_seconds": 1, "step": 10, "worker0_accuracy": 0.6, "comm_bytes": 5},
+        {**base, "train_seconds": 2, "step": 20, "worker0_accuracy": 0.92, "comm_bytes": 9},
+        {**base, "train_seconds": 3, "step": 30, "worker_accuracies": [0.94, 0.96, 0.9, 0.9],
+         "leader_accuracy": 0.96, "centre_accuracy": 0.95}])
+    write_run(tmp_path / "outer", {"algo": "diloco"}, [
+        {**base, "train_seconds": 3, "step": 30, "worker_accuracies": [0.9] * 4, "centre_accuracy": 0.1}])
+    runs = [report.load_run(tmp_path / name) for name in ("sync", "async", "outer")]
+    rows = {s["run"]: s for s in (report.summarise(run, 0.9) for run in runs)}
+    assert (rows["sync"]["curve_of"], rows["sync"]["time_to_target_s"], rows["sync"]["final_accuracy"]) == (
+        "leader", 2, 0.97)
+    assert (rows["async"]["curve_of"], rows["async"]["time_to_target_s"], rows["async"]["final_accuracy"]) == (
+        "rank 0's worker", 2, 0.94)
+    assert rows["async"]["method"] == "lsgd async int8" and rows["async"]["best_accuracy"] == 0.94
+    assert rows["async"]["final_leader_centre"] == "leader 0.9600, centre 0.9500"
+    assert rows["outer"]["curve_of"] == "outer parameters" and rows["outer"]["time_to_target_s"] is None
+    table = report.table(list(rows.values()), 0.9)
+    assert "| async | lsgd async int8 | rank 0's worker | 0.9400 |" in table and "curve of" in table
+    fig = report.error_figure(runs)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    assert [line.get_label() for line in ax.get_lines()] == [
+        "sync (lsgd: leader)", "async (lsgd async int8: rank 0's worker)", "outer (diloco: outer parameters)"]
+    assert list(ax.get_lines()[2].get_ydata()) == [90.0]
+
+
 def train_on_fixture(tmp_path, *args, np=4):
     """The training command on the CIFAR-10 fixture, through torchvision's real loader."""
     code = ("import sys; sys.path.insert(0, %r); from cifar_fixture import allow_fixture\n"
@@ -122,20 +164,74 @@ def test_paper_preset_on_cifar_fixture(tmp_path, algo, model, expected):
 
 
 def test_resume_continues_bitwise(tmp_path):
+    """The second segment names only what may change (--epochs): the method, groups, batch size
+    and LR come from the saved configuration, and the result is bitwise the uninterrupted run's.
+    Then --resume alone, on a run that has reached its budget, takes no further step."""
     common = ["--algo", "lsgd", "--group-size", "2", "--batch-size", "32", "--lr", "0.05", "--checkpoint-every", "0",
               "--eval-every", "1000"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(4, *common, "--epochs", "4", "--out", str(straight))
     train(4, *common, "--epochs", "2", "--out", str(split))
     steps_half = json.loads((split / "checkpoints" / "latest.json").read_text())["step"]
-    train(4, *common, "--epochs", "4", "--resume", str(split))
+    train(4, "--epochs", "4", "--resume", str(split))
     assert records(split)[-1]["step"] == records(straight)[-1]["step"] == 2 * steps_half
+    config = json.loads((split / "config.json").read_text())
+    assert (config["epochs"], config["groups"], config["batch_size"], config["lr"]) == (4.0, [[0, 1], [2, 3]], 32, 0.05)
     for rank in range(4):
         a = final_state(straight, rank)
         b = final_state(split, rank)
         assert a["step"] == b["step"]
         for key in a["model"]:
             assert torch.equal(a["model"][key], b["model"][key]), (rank, key)
+    train(4, "--resume", str(split))
+    assert records(split)[-1]["step"] == 2 * steps_half
+    for rank in range(4):
+        assert final_state(split, rank)["step"] == 2 * steps_half
+        assert all(torch.equal(final_state(straight, rank)["model"][k], v)
+                   for k, v in final_state(split, rank)["model"].items())
+
+
+def test_diloco_run(tmp_path):
+    """--algo diloco on 4 ranks: metrics written; the centre evaluated is the outer parameters,
+    identical on every rank, with the outer momentum in the checkpoint."""
+    out = tmp_path / "diloco"
+    train(4, "--algo", "diloco", "--period", "8", "--epochs", "6", "--batch-size", "32", "--lr", "0.05",
+          "--eval-every", "1000", "--checkpoint-every", "0", "--out", str(out))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["algo"], config["outer_lr"], config["outer_momentum"], config["inner_optimizer"]) == (
+        "diloco", 0.7, 0.9, "sgd")
+    last = records(out)[-1]
+    assert last["steps"] == [66] * 4 and last["centre_accuracy"] >= 0.9, last
+    states = [final_state(out, rank)["wrapper"] for rank in range(4)]
+    for state in states[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(states[0]["outer"], state["outer"]))
+    assert states[0]["outer_optimizer"]["state"], "no outer momentum saved"
+
+
+@pytest.mark.parametrize("options", [
+    ["--algo", "lsgd", "--group-size", "2", "--compression", "int8"],
+    ["--algo", "easgd", "--easgd-variant", "one-sided"],
+], ids=["lsgd-int8", "easgd-one-sided"])
+def test_asynchronous_run_checkpoints_at_the_end_and_resumes(tmp_path, options):
+    """An asynchronous run writes its checkpoint after close() (every rank's state final, the
+    one-sided EASGD's centre shards included) and a second segment continues from it."""
+    out = tmp_path / "run"
+    train(4, *options, "--async", "--batch-size", "32", "--lr", "0.05", "--epochs", "2", "--eval-every", "0.3",
+          "--out", str(out))
+    first = records(out)[-1]
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 22
+    assert [final_state(out, rank)["step"] for rank in range(4)] == [22] * 4
+    train(4, "--resume", str(out), "--epochs", "4")
+    last = records(out)[-1]
+    assert last["steps"] == [44] * 4 and [final_state(out, rank)["step"] for rank in range(4)] == [44] * 4
+    assert last["centre_accuracy"] > 0.5 and last["centre_accuracy"] > first["centre_accuracy"] - 0.05, (first, last)
+    assert any("worker0_accuracy" in r for r in records(out))  # intermediate records: rank 0's worker
+    if "one-sided" in options:
+        assert last["comm_bytes"] == [0] * 4  # no collective during training
+        assert min(last["one_sided_bytes"]) > max(first["one_sided_bytes"]) > 0  # counts carried on
+    else:
+        assert min(last["comm_bytes"]) > max(first["comm_bytes"]) > 0
+        assert json.loads((out / "config.json").read_text())["compression"] == "int8"
 
 
 def test_launch_scripts():

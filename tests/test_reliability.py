@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,16 +25,50 @@ def test_mismatched_models_and_nan_recovery():
     assert "at step 10" in result.stdout
 
 
+READY = "READY-TO-PARSE"
+
+
+def run_from_ready(extra_args, bad_rank_args=(), timeout=180):
+    """The training command on 4 ranks through a small launcher that imports what the command
+    needs (torch, Horovod, the package), prints READY, then calls ``main``; ``bad_rank_args``
+    are added on rank 2 only. Returns (exit status, output, seconds from the moment the
+    last rank printed READY to the end of the job). Timing from there, not from the launch,
+    keeps start-up (slow on a loaded machine) out of the bound, which is about how fast a
+    refused option ends every rank."""
+    script = ("import os, sys\nimport torch, horovod.torch\nfrom horovod_leader.train import main\n"
+              f"print({READY!r}, flush=True)\n"
+              "bad = os.environ.get('OMPI_COMM_WORLD_RANK') == '2'\n"
+              f"sys.exit(main(sys.argv[1:] + ({list(bad_rank_args)!r} if bad else [])))")
+    cmd = mpirun_command(4, [sys.executable, "-c", script, "--no-progress", *extra_args])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO,
+                            start_new_session=True)
+    lines, ready = [], []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            ready.extend([time.time()] * line.count(READY))  # lines of two ranks may share a line
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"no exit within {timeout} s of the launch:\n{''.join(lines)[-3000:]}")
+    ended = time.time()
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert len(ready) == 4, f"not every rank reached main:\n{output[-3000:]}"
+    return proc.returncode, output, ended - max(ready)
+
+
 def test_one_bad_rank_stops_all_fast(tmp_path):
     """Only rank 2 gets a bad option: every rank exits non-zero, quickly, saying why."""
-    script = ("import os, sys\nfrom horovod_leader.train import main\n"
-              "bad = os.environ.get('OMPI_COMM_WORLD_RANK') == '2'\n"
-              "sys.exit(main(sys.argv[1:] + (['--period', '0'] if bad else [])))")
-    cmd = mpirun_command(4, [sys.executable, "-c", script, "--out", str(tmp_path / "x"), "--no-progress"])
-    start = time.time()
-    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=60, cwd=REPO)
-    assert result.returncode != 0 and time.time() - start < 30
-    assert "--period must be an integer >= 1, got 0" in result.stderr and "ranks [2]" in result.stderr
+    status, output, seconds = run_from_ready(["--out", str(tmp_path / "x")], bad_rank_args=["--period", "0"])
+    assert status != 0 and seconds < 30, seconds
+    assert "--period must be an integer >= 1, got 0" in output and "ranks [2]" in output
 
 
 BAD_OPTIONS = [
@@ -43,6 +78,16 @@ BAD_OPTIONS = [
     (["--model", "resnet9"], "--model"), (["--dataset", "mnist"], "--dataset"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "--data-dir"), (["--resume", "/nonexistent"], "--resume"),
     (["--algo", "dp", "--async"], "--async"), (["--epochs", "0"], "--epochs"), (["--beta", "0"], "--beta"),
+    (["--algo", "dp", "--compression", "int8"], "--compression"),
+    (["--algo", "easgd", "--easgd-variant", "one-sided", "--async", "--compression", "bf16"], "--compression"),
+    (["--algo", "easgd", "--easgd-variant", "one-sided"], "--easgd-variant"),
+    (["--algo", "lsgd", "--async", "--easgd-variant", "one-sided"], "--easgd-variant"),
+    (["--algo", "easgd", "--async", "--easgd-variant", "one-sided", "--device", "cuda"], "--device"),
+    (["--algo", "lsgd", "--outer-lr", "0.5"], "--outer-lr"), (["--algo", "diloco", "--outer-lr", "0"], "--outer-lr"),
+    (["--algo", "diloco", "--outer-momentum", "1"], "--outer-momentum"),
+    (["--inner-optimizer", "adamw", "--momentum", "0.5"], "--momentum"),
+    (["--inner-optimizer", "adamw", "--preset", "paper"], "--inner-optimizer"),
+    (["--compression", "fp8"], "--compression"), (["--inner-optimizer", "lion"], "--inner-optimizer"),
 ]
 
 
@@ -55,22 +100,28 @@ def test_every_bad_option_is_refused_by_name():
         assert parsed is None and name in error, (args, error)
     parsed, error = parse_and_validate(["--algo", "lsgd", "--epochs", "1"])
     assert error is None and parsed.period == 4 and parsed.global_period == 16
+    parsed, error = parse_and_validate(["--algo", "diloco", "--inner-optimizer", "adamw", "--epochs", "1"])
+    assert error is None and (parsed.period, parsed.lr, parsed.outer_lr, parsed.outer_momentum) == (32, 1e-3, 0.7, 0.9)
 
 
 def test_bad_options_fail_fast_under_mpirun(tmp_path):
     for args, name in [(["--group-size", "3"], "group_size"), (["--resume", str(tmp_path)], "--resume"),
-                       (["--model", "resnet9"], "--model")]:
-        start = time.time()
-        result = train(4, *args, "--out", str(tmp_path / "x"), check=False, timeout=60)
-        assert result.returncode != 0 and time.time() - start < 30, args
-        assert name in result.stderr, (args, result.stderr[-1500:])
+                       (["--model", "resnet9"], "--model"),
+                       (["--algo", "dp", "--compression", "int8"], "--compression")]:
+        status, output, seconds = run_from_ready([*args, "--out", str(tmp_path / "x")])
+        print(f"{args}: every rank ended {seconds:.1f} s after the last one was ready")
+        assert status != 0 and seconds < 30, (args, seconds)
+        assert name in output, (args, output[-1500:])
 
 
 def test_dead_rank_then_resume_is_bitwise(tmp_path):
+    """A rank is killed mid-run; ``--resume OUT`` alone then finishes the run with its saved
+    configuration (30 epochs, groups of 2, ...), bitwise as an uninterrupted run."""
     common = ["--algo", "lsgd", "--group-size", "2", "--batch-size", "32", "--lr", "0.05", "--eval-every", "1000"]
     run, straight = tmp_path / "killed", tmp_path / "straight"
-    cmd = mpirun_command(4, [sys.executable, "-m", "horovod_leader.train", "--no-progress", *common, "--epochs", "300",
-                             "--checkpoint-every", "50", "--out", str(run)])
+    epochs = 30  # 330 steps: the kill, after the checkpoint at step 100, comes well before the end
+    cmd = mpirun_command(4, [sys.executable, "-m", "horovod_leader.train", "--no-progress", *common, "--epochs",
+                             str(epochs), "--checkpoint-every", "50", "--out", str(run)])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO,
                             start_new_session=True)
     try:
@@ -90,8 +141,8 @@ def test_dead_rank_then_resume_is_bitwise(tmp_path):
     assert proc.returncode != 0
     assert ended_after < 30, ended_after
     saved = latest_step(run)
-    epochs = (saved // 11) + 2  # resume past the checkpoint, and compare with an uninterrupted run
-    train(4, *common, "--epochs", str(epochs), "--checkpoint-every", "0", "--resume", str(run))
+    assert saved < epochs * 11, "the run ended before the kill"
+    train(4, "--resume", str(run))
     train(4, *common, "--epochs", str(epochs), "--checkpoint-every", "0", "--out", str(straight))
     for rank in range(4):
         a, b = final_state(run, rank), final_state(straight, rank)
@@ -101,19 +152,38 @@ def test_dead_rank_then_resume_is_bitwise(tmp_path):
     print(f"dead rank: job ended {ended_after:.1f} s after SIGKILL; resumed from step {saved}")
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of ``pid`` (from /proc/PID/stat: the field after the parenthesised name), 0 if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        pid = parent_pid(pid)
+        if pid == ancestor:
+            return True
+    return False
+
+
 def rank_pid(mpirun_pid: int, rank: int) -> int:
-    """The pid of the process mpirun started as ``rank`` (read from its environment)."""
+    """The pid of the process that this ``mpirun`` started as ``rank``: among the descendants of
+    ``mpirun_pid`` only (another job running at the same time has ranks of the same number),
+    the one whose environment names that rank."""
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or not descends_from(int(entry.name), mpirun_pid):
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ and "horovod_leader.train" in \
-                (entry / "cmdline").read_bytes().decode(errors="replace"):
+        if f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ and "horovod_leader.train" in cmdline:
             return int(entry.name)
-    raise AssertionError(f"no process of rank {rank} found")
+    raise AssertionError(f"no process of rank {rank} under mpirun {mpirun_pid} found")
 
 
 def test_kill_during_checkpoint_write_keeps_the_last_one(tmp_path):

@@ -80,3 +80,96 @@ def test_group_centres_and_full_pass_batch_norm_against_direct_computations():
 
     result = run_mpi("evaluation_checks.py", timeout=180)
     expect_passes(result, ["group_centres", "full_pass_bn", "limited_bn"])
+
+
+def test_help_shows_each_default_once():
+    """Every option's default appears once, in words or as ``(default: X)``; none is printed as
+    None; the methods are named as on the command line (mgrawa, lgrawa)."""
+    import re
+
+    from horovod_leader.train import build_parser
+
+    text = build_parser().format_help()
+    assert "(default: None)" not in text and "GRAWA's" not in text and "for grawa" not in text
+    blocks = {}
+    for block in re.split(r"\n  (?=-)", text):
+        flat = " ".join(block.split())
+        blocks[flat.split()[0].rstrip(",")] = flat
+    for option, default in (("--algo", "lsgd"), ("--inner-optimizer", "sgd"), ("--compression", "none"),
+                            ("--easgd-variant", "rounds"), ("--batch-size", "128"), ("--momentum", "0.9"),
+                            ("--outer-lr", "0.7"), ("--outer-momentum", "0.9"), ("--model", "cnn"),
+                            ("--nesterov", "True")):
+        assert f"(default: {default})" in blocks[option], blocks[option]
+    assert "default 0.1" in blocks["--lr"] and "mgrawa" in blocks["--period"] and "mgrawa" in blocks["--pull"]
+    for option, block in blocks.items():
+        if option.startswith("--"):
+            assert block.count("default") <= 1, block
+
+
+def test_progress_prints_lines_on_piped_output():
+    """Under mpirun rank 0's output is not a terminal with a width: a line every interval, each
+    ending in a newline (no carriage-return redraws), with the figures of the bar."""
+    import io
+
+    from horovod_leader.training.progress import Progress
+
+    now = [0.0]
+    out = io.StringIO()
+    progress = Progress(100, 10, "lsgd", file=out, interval=5.0, clock=lambda: now[0])
+    for step in range(30):
+        now[0] += 1.0
+        progress.update(1)
+        if step == 3:
+            progress.set_postfix(loss="0.500", acc="-")
+    progress.close()
+    lines = out.getvalue().split("\n")
+    assert lines[-1] == "" and "\r" not in out.getvalue()
+    assert len(lines[:-1]) == 6  # at 5, 10, ..., 30 s
+    assert lines[0].startswith("lsgd:") and "15/100" in lines[0] and "loss=0.500" in lines[0]
+    assert "40/100" in lines[-2]
+
+
+def test_resume_restores_the_saved_configuration(tmp_path, monkeypatch):
+    """--resume OUT takes every option from OUT/config.json (as the run wrote it); an option
+    given again must repeat it unless it may change; --preset is not applied twice."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from horovod_leader.train import Trainer
+    from horovod_leader.training import resume
+
+    # The world size as horovodrun --gloo tells a 4-rank job, read without communicating.
+    monkeypatch.setenv("HOROVOD_CONTROLLER", "gloo")
+    monkeypatch.setenv("HOROVOD_SIZE", "4")
+    out = tmp_path / "run"
+    original, error = parse_and_validate(["--preset", "paper", "--algo", "lsgd", "--group-size", "2", "--batch-size",
+                                          "32", "--lr", "0.05", "--epochs", "2", "--out", str(out)])
+    assert error is None
+    Trainer.write_config(SimpleNamespace(rank=0, out=Path(out), args=original, size=4,
+                                         topo=SimpleNamespace(groups=[[0, 1], [2, 3]])))
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "latest.json").write_text(json.dumps({"step": 22, "world_size": 4}))
+
+    resumed, error = parse_and_validate(["--resume", str(out)])
+    assert error is None
+    for key, value in vars(original).items():
+        if key != "resume":
+            assert getattr(resumed, key) == value, key
+    assert resumed.batch_size == 32 and resumed.prox == 0.1  # explicit over the preset, and the preset's own
+
+    longer, error = parse_and_validate(["--resume", str(out), "--epochs", "4", "--time-budget", "60", "--eval-every",
+                                        "5", "--checkpoint-every", "0", "--no-progress", "--lr", "0.05"])
+    assert error is None and (longer.epochs, longer.time_budget, longer.eval_every, longer.checkpoint_every,
+                              longer.no_progress, longer.lr) == (4.0, 60.0, 5.0, 0, True, 0.05)
+
+    for argv, name in ((["--lr", "0.1"], "--lr 0.1"), (["--group-size", "4"], "--group-size 4"),
+                       (["--async"], "--async True"), (["--algo", "diloco"], "--algo diloco"),
+                       (["--batch-size", "128"], "--batch-size 128"), (["--out", str(tmp_path / "other")], "--out")):
+        parsed, error = parse_and_validate(["--resume", str(out), *argv])
+        assert parsed is None and name in error, (argv, error)
+    _, error = parse_and_validate(["--resume", str(tmp_path)])
+    assert "--resume" in error and "config.json" in error
+    with pytest.raises(ValueError, match="--group-size"):
+        resume.check_groups([[0, 1], [2, 3]], [[0, 1, 2, 3]])
+    resume.check_groups([[0, 1], [2, 3]], [[0, 1], [2, 3]])

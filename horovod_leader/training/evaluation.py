@@ -2,8 +2,10 @@
 
 * **worker**: each rank's own model on the whole test set;
 * **leader** (LSGD): the global leader's worker accuracy;
-* **centre**: the workers' average x̄ = (1/p) Σ_i x_i (EASGD: its centre variable), with
-  batch-norm statistics re-estimated, as the papers report;
+* **centre**: the workers' average x̄ = (1/p) Σ_i x_i, with batch-norm statistics
+  re-estimated, as the papers report; for the methods that keep a centre of their own, that
+  one (``stored_centre``): EASGD's centre variable x̃, the one-sided EASGD's centre gathered
+  from its shards, DiLoCo's outer parameters θ (what every worker restarts from);
 * **group centres** (multi-leader LSGD): the average of each group's workers, re-estimated
   the same way.
 
@@ -84,6 +86,24 @@ def merge_batch_norm(model: nn.Module, seen: int, hvd, process_set, name: str) -
         m.num_batches_tracked.fill_(int(total))
 
 
+def stored_centre(opt, hvd) -> Optional[Dict]:
+    """{key: flat tensor} matching ``opt.params`` for the methods whose centre is a variable of
+    their own, or None when the centre is the workers' average. For the one-sided EASGD every
+    rank must call it (its shards are gathered in one all-gather per packed buffer); that
+    works after ``close()`` too, from each rank's final shard."""
+    from horovod_leader.optim import EASGD, DiLoCo, OneSidedEASGD
+
+    if isinstance(opt, EASGD):
+        return opt.centre
+    if isinstance(opt, DiLoCo):
+        return opt.outer
+    if isinstance(opt, OneSidedEASGD):
+        shards = opt.state_dict()["centre_shard"]  # this rank's contiguous slice, rank order
+        return {key: hvd.allgather(shard.contiguous(), name=f"train.centre_shards.{key_name(key)}")
+                for key, shard in zip(opt.params, shards)}
+    return None
+
+
 class Evaluator:
     """Measures a run's accuracies; every rank calls ``record`` at the same step (except the
     intermediate evaluations of asynchronous runs, where only rank 0 measures its worker)."""
@@ -101,16 +121,16 @@ class Evaluator:
     def worker_accuracy(self) -> float:
         return count_correct(self.model, self.test_images, self.test_labels, self.device) / len(self.test_labels)
 
-    def average_model(self, process_set, name: str, easgd_centre: bool = False) -> nn.Module:
-        """A copy of the model holding the members' average parameters (with
-        ``easgd_centre``: EASGD's centre variable instead)."""
+    def average_model(self, process_set, name: str, stored: Optional[Dict] = None) -> nn.Module:
+        """A copy of the model holding the members' average parameters (with ``stored``: those
+        flat tensors instead, a method's own centre)."""
         centre = copy.deepcopy(self.model)
         copies = list(centre.parameters())
         index = {id(p): i for i, p in enumerate(self.model.parameters())}
         with torch.no_grad():
             for key, flat in self.opt.params.items():  # one collective per packed buffer
-                if easgd_centre:
-                    average = self.opt.centre[key]
+                if stored is not None:
+                    average = stored[key]
                 else:
                     average = flat.flat.clone()
                     self.hvd.allreduce_(average, op=self.hvd.Average, name=f"{name}.{key_name(key)}",
@@ -127,19 +147,22 @@ class Evaluator:
                                    process_set=process_set)
         return float(total[0]) / len(self.test_labels)
 
-    def centre(self, process_set, position: int, members: int, name: str, easgd_centre: bool = False) -> nn.Module:
+    def centre(self, process_set, position: int, members: int, name: str, own_centre: bool = False) -> nn.Module:
         """The members' average with batch-norm statistics re-estimated (identical on every
-        member); this member is at ``position`` of ``members``."""
-        centre = self.average_model(process_set, f"{name}.params", easgd_centre)
+        member); this member is at ``position`` of ``members``. ``own_centre`` (every rank, the
+        global set): the method's own centre where it keeps one (``stored_centre``) instead of
+        the average."""
+        stored = stored_centre(self.opt, self.hvd) if own_centre else None
+        centre = self.average_model(process_set, f"{name}.params", stored)
         if batch_norms(centre):
             seen = reestimate_batch_norm(centre, self.pipeline.evaluation_batches(self.bn_batches, position, members))
             merge_batch_norm(centre, seen, self.hvd, process_set, f"{name}.bn")
         return centre
 
     def centre_accuracy(self, process_set, position: int, members: int, name: str,
-                        easgd_centre: bool = False) -> float:
-        """The members' re-estimated average on the test set."""
-        centre = self.centre(process_set, position, members, name, easgd_centre)
+                        own_centre: bool = False) -> float:
+        """The members' re-estimated average (or the method's own centre) on the test set."""
+        centre = self.centre(process_set, position, members, name, own_centre)
         return self.shared_accuracy(centre, position, members, process_set, f"{name}.correct")
 
     def group_centre_accuracies(self) -> List[float]:
@@ -154,23 +177,31 @@ class Evaluator:
     # ------------------------------------------------------------------ the record
     def record(self, *, step: int, epoch: float, train_seconds: float, wall_seconds: float, mean_loss: float,
                final: bool = False) -> Optional[Dict]:
-        """One metrics record (rank 0 writes it)."""
+        """One metrics record (rank 0 writes it). ``comm_bytes``: collective payload bytes per
+        rank; the one-sided EASGD's window traffic is ``one_sided_bytes``."""
         opt, hvd = self.opt, self.hvd
         leader = getattr(opt, "global_leader", None)
+        one_sided = getattr(opt, "one_sided_bytes", None)  # the one-sided EASGD's traffic (no collectives)
         base = {"train_seconds": train_seconds, "wall_seconds": wall_seconds, "step": step, "epoch": epoch}
         if self.asynchronous and not final:
             # No collectives between refreshes: rank 0 reports its own worker.
             if self.topo.rank != 0:
                 return None
-            return {**base, "worker0_accuracy": self.worker_accuracy(), "loss": mean_loss,
-                    "comm_bytes": opt.comm_bytes, "global_leader": leader}
-        own = torch.tensor([self.worker_accuracy(), mean_loss, float(opt.comm_bytes), step], dtype=torch.float64)
+            out = {**base, "worker0_accuracy": self.worker_accuracy(), "loss": mean_loss,
+                   "comm_bytes": opt.comm_bytes, "global_leader": leader}
+            if one_sided is not None:
+                out["one_sided_bytes"] = one_sided
+            return out
+        own = torch.tensor([self.worker_accuracy(), mean_loss, float(opt.comm_bytes), step,
+                            float(one_sided or 0)], dtype=torch.float64)
         everyone = hvd.allgather(own.reshape(1, -1), name="train.eval").tolist()
         record = {**base, "worker_accuracies": [row[0] for row in everyone], "losses": [row[1] for row in everyone],
                   "comm_bytes": [int(row[2]) for row in everyone], "steps": [int(row[3]) for row in everyone],
                   "global_leader": leader, "local_leaders": None,
                   "centre_accuracy": self.centre_accuracy(hvd.global_process_set, self.topo.rank, self.topo.size,
-                                                          "train.centre", easgd_centre=self.algo == "easgd")}
+                                                          "train.centre", own_centre=True)}
+        if one_sided is not None:
+            record["one_sided_bytes"] = [int(row[4]) for row in everyone]
         if self.algo == "lsgd":
             local = -1 if opt.local_leader is None else opt.local_leader
             record["local_leaders"] = hvd.allgather(torch.tensor([[local]]), name="train.leaders").flatten().tolist()
