@@ -8,7 +8,11 @@ Design, in three pieces:
 
 * ``GlobalStepCounter``: two integers in an MPI window on rank 0 (total steps, closed ranks).
   Each step does one atomic ``MPI_Fetch_and_op`` (one-sided: rank 0 does not take part, and
-  no other rank waits), which returns the new total.
+  no other rank waits), which returns the new total. That is the choice when all ranks share
+  a node. Across nodes, ``TcpStepCounter`` keeps the same counters in a small server process
+  that rank 0 starts (``horovod_leader.step_counter_server``): Open MPI 4.1's one-sided
+  components refuse such a window over TCP, or make each update wait for rank 0 to enter MPI.
+  ``HOROVOD_LEADER_STEP_COUNTER=mpi|tcp`` forces either.
 * ``RefreshDriver``: a refresh is written as a generator that posts Horovod *non-blocking*
   collectives and yields their handles. The driver resumes it when ``hvd.poll`` says they are
   done, so the worker keeps computing while the slower workers catch up and join; the pull is
@@ -87,10 +91,106 @@ class GlobalStepCounter:
     def closed(self) -> int:
         return self._fetch_add(CLOSED, 0)
 
+    @property
+    def size(self) -> int:
+        return self.comm.Get_size()
+
     def free(self) -> None:
         self.comm.Barrier()
         self.window.Free()
         self.comm.Free()
+
+
+class TcpStepCounter(GlobalStepCounter):
+    """The same counters, kept by a separate server process started by rank 0 and reached
+    over TCP (``horovod_leader.step_counter_server``): for runs across nodes, where Open MPI's
+    one-sided operations either refuse the window or wait for rank 0 to enter MPI."""
+
+    def __init__(self, comm=None):
+        import socket
+        import struct
+        import subprocess
+        import sys
+
+        from mpi4py import MPI
+
+        from horovod_leader import step_counter_server as server
+
+        self._struct, self._reply = server.REQUEST, server.REPLY
+        self.comm = (MPI.COMM_WORLD if comm is None else comm).Dup()
+        self._server = None
+        where = None
+        if self.comm.Get_rank() == 0:
+            self._server = subprocess.Popen([sys.executable, "-m", "horovod_leader.step_counter_server"],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            port = int(self._server.stdout.readline().split()[1])
+            where = (_own_addresses(), port)
+        addresses, port = self.comm.bcast(where, root=0)
+        self._socket = None
+        for address in (["127.0.0.1"] if self.comm.Get_rank() == 0 else []) + addresses:
+            try:
+                self._socket = socket.create_connection((address, port), timeout=5)
+                break
+            except OSError:
+                continue
+        reached = self.comm.allgather(self._socket is not None)
+        if not all(reached):
+            raise RuntimeError(f"asynchronous mode: ranks {[r for r, ok in enumerate(reached) if not ok]} cannot reach "
+                               f"the step counter on rank 0 (tried {addresses}, port {port}); set "
+                               "HOROVOD_LEADER_STEP_COUNTER=mpi to use MPI's one-sided operations instead")
+        self._socket.settimeout(None)
+        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._ops = {TOTAL: b"+", CLOSED: b"c"}
+        self._unpack = struct.Struct("<q").unpack
+
+    def _fetch_add(self, which: int, value: int) -> int:
+        self._socket.sendall(self._struct.pack(self._ops[which], value))
+        reply = b""
+        while len(reply) < self._reply.size:
+            chunk = self._socket.recv(self._reply.size - len(reply))
+            if not chunk:
+                raise RuntimeError("asynchronous mode: the step counter on rank 0 has gone away")
+            reply += chunk
+        return self._reply.unpack(reply)[0]
+
+    def free(self) -> None:
+        self.comm.Barrier()
+        self._socket.close()
+        if self._server is not None:
+            self._server.stdin.close()
+            self._server.wait(timeout=30)
+        self.comm.Free()
+
+
+def _own_addresses() -> list:
+    """This host's IPv4 addresses other than loopback: where the other ranks may reach it."""
+    import psutil
+
+    found = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+             if a.family.name == "AF_INET" and not a.address.startswith("127.")]
+    return found
+
+
+def make_step_counter(comm=None) -> GlobalStepCounter:
+    """The MPI window when every rank shares one node (or HOROVOD_LEADER_STEP_COUNTER=mpi);
+    the TCP server otherwise (or HOROVOD_LEADER_STEP_COUNTER=tcp)."""
+    import os
+
+    from horovod_leader.topology import require_mpi
+
+    require_mpi("asynchronous mode (asynchronous=True, --async)")
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD if comm is None else comm
+    choice = os.environ.get("HOROVOD_LEADER_STEP_COUNTER", "auto").strip().lower()
+    if choice not in ("auto", "mpi", "tcp"):
+        raise ValueError(f"HOROVOD_LEADER_STEP_COUNTER must be auto, mpi or tcp, got {choice!r}")
+    if choice == "auto":
+        node = world.Split_type(MPI.COMM_TYPE_SHARED)
+        one_node = node.Get_size() == world.Get_size()
+        node.Free()
+        choice = "mpi" if one_node else "tcp"
+    return GlobalStepCounter(comm) if choice == "mpi" else TcpStepCounter(comm)
 
 
 RefreshGenerator = Generator[Iterable, None, None]
@@ -189,7 +289,7 @@ class AsyncSchedule:
     def close(self, start_round: Callable[[int], RefreshGenerator], local_steps: int,
               poll_seconds: float = 0.001) -> None:
         """Keep joining due refreshes until every rank has closed and the last one is done."""
-        size = self.counter.comm.Get_size()
+        size = self.counter.size
         self.started_during_training = self.rounds_started
         self.counter.close()
         while True:

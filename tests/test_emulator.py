@@ -144,6 +144,14 @@ def test_horovodrun_across_emulated_hosts(namespaces, launcher, tmp_path):
     assert not leftovers(run_name(result.stdout))
 
 
+def test_asynchronous_lsgd_across_emulated_nodes(namespaces, tmp_path):
+    """The global step counter across nodes (a TCP counter server on rank 0's node)."""
+    result = run_emulated(["--train-async", tmp_path / "async"])
+    assert result.returncode == 0, result.stdout[-8000:]
+    expect_passes(result, ["groups_follow_nodes", "train_lsgd_async"])
+    assert not leftovers(run_name(result.stdout))
+
+
 def test_refuses_clearly_without_root_and_on_bad_usage():
     script = EMULATOR.read_text()
     # As an unprivileged user (read from stdin, so that no path needs to be readable to it).

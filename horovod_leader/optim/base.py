@@ -184,11 +184,11 @@ class DistributedWrapper:
     def _setup_rounds(self, asynchronous: bool, steps_per_round: int) -> None:
         """Synchronous rounds run at once; asynchronous ones are scheduled on the global step
         count, one round per ``size * steps_per_round`` steps of all ranks together."""
-        from horovod_leader.async_schedule import AsyncSchedule, GlobalStepCounter, RefreshDriver
+        from horovod_leader.async_schedule import AsyncSchedule, RefreshDriver, make_step_counter
 
         self.asynchronous = asynchronous
         self._driver = RefreshDriver()
-        self._schedule = (AsyncSchedule(self.size * steps_per_round, GlobalStepCounter(), self._driver)
+        self._schedule = (AsyncSchedule(self.size * steps_per_round, make_step_counter(), self._driver)
                           if asynchronous else None)
 
     def _round(self, number: int):

@@ -26,10 +26,14 @@ finite amounts. ``comm_bytes`` (collective payload) stays 0 during training; the
 traffic is counted in ``one_sided_bytes``.
 
 Requires parameters on the CPU in float32 or float64 (MPI one-sided operations work on host
-memory) and an MPI launch (``mpirun``, or ``horovodrun`` in MPI mode).
+memory), an MPI launch (``mpirun``, or ``horovodrun`` in MPI mode), and, with Open MPI 4.1
+over TCP, every rank on one node: across nodes its one-sided components refuse the windows
+(or, with ``ucx``, make each access wait for the target rank to enter MPI; measured 97-148 ms
+per access on the emulated cluster). ``EASGD(asynchronous=True)`` works across nodes.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -76,10 +80,22 @@ class OneSidedEASGD(DistributedWrapper):
 
     # ------------------------------------------------------------------ windows
     def _open_windows(self) -> None:
+        from horovod_leader.topology import require_mpi
+
+        require_mpi("OneSidedEASGD")
         from mpi4py import MPI
 
         self._MPI = MPI
         self._comm = MPI.COMM_WORLD.Dup()
+        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
+        one_node = node.Get_size() == self._comm.Get_size()
+        node.Free()
+        if not one_node and os.environ.get("HOROVOD_LEADER_ONE_SIDED_ACROSS_NODES") != "1":
+            # Same answer on every rank: nobody enters the window allocation.
+            raise RuntimeError("OneSidedEASGD needs every rank on one node: across nodes, Open MPI 4.1's one-sided "
+                               "components refuse its windows over TCP (or, with --mca osc ucx, make every access "
+                               "wait for the target rank to enter MPI). Use EASGD(asynchronous=True) across nodes, "
+                               "or set HOROVOD_LEADER_ONE_SIDED_ACROSS_NODES=1 where your MPI supports it")
         if self._comm.Get_size() != self.size:
             raise RuntimeError("OneSidedEASGD needs ranks started by MPI (mpirun, or horovodrun in MPI mode): "
                                f"MPI sees {self._comm.Get_size()} ranks, Horovod {self.size}")

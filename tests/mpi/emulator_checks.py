@@ -7,6 +7,7 @@ Always: ``hl.init()`` finds one group per node (``groups_follow_nodes``).
 ``--throughput`` (MPI launchers): one message between the nodes runs at the links' rate, one
 inside a node over shared memory much faster; printed as VALUE lines in Mbit/s.
 ``--train OUT``: a short run of the training command with multi-leader LSGD (``train_lsgd``).
+``--train-async OUT``: the same asynchronously, across the nodes (``train_lsgd_async``).
 ``--fail-rank R``: rank R dies (exits with status 1 at once, as a crash would: no MPI
 finalisation) right after initialisation, while the others go on into collectives; the
 launcher must end the job and the emulator tear everything down.
@@ -31,6 +32,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--throughput", action="store_true")
 parser.add_argument("--nbytes", type=int, default=4 << 20)
 parser.add_argument("--train", default=None, metavar="OUT")
+parser.add_argument("--train-async", default=None, metavar="OUT")
 parser.add_argument("--fail-rank", type=int, default=None)
 parser.add_argument("--hold", type=float, default=0.0)
 args = parser.parse_args()
@@ -116,3 +118,17 @@ if args.train:
         assert sorted(set(records[-1]["local_leaders"])) != [None], records[-1]
     # train.main shut Horovod down, so the pass line carries the rank taken before.
     say(f"PASS train_lsgd rank={rank}")
+
+if args.train_async:
+    from horovod_leader import train
+
+    # Asynchronous LSGD across the nodes: the global step count lives in rank 0's counter
+    # server over TCP (MPI's one-sided windows do not work across these nodes).
+    status = train.main(["--algo", "lsgd", "--async", "--period", "2", "--global-period", "4", "--time-budget", "4",
+                         "--eval-every", "100", "--checkpoint-every", "0", "--no-progress", "--out", args.train_async])
+    assert status == 0
+    if rank == 0:
+        records = [json.loads(line) for line in (Path(args.train_async) / "metrics.jsonl").read_text().splitlines()]
+        assert records and min(records[-1]["steps"]) > 0, records[-1:]
+        say(f"VALUE async_steps rank=0 {records[-1]['steps']}")
+    say(f"PASS train_lsgd_async rank={rank}")
