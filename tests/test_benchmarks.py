@@ -1,8 +1,11 @@
 """The benchmark scripts run on a tiny setting and write their outputs (no timing is asserted)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,3 +49,57 @@ def test_time_to_accuracy_benchmark_runs(tmp_path):
     assert set(result["results"]) == {"lsgd", "dp"}
     assert all(0.0 < run["final_accuracy"] <= 1.0 for runs in result["results"].values() for run in runs)
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 0
+
+
+def _cluster_benchmark(out: Path, rates: str, methods: str, budget: str, cache: Path) -> str:
+    """benchmarks/cluster.py in a tiny setting (a narrow MLP, 2,000 MNIST-1D signals, 1 seed)."""
+    env = {**os.environ, "HOROVOD_LEADER_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cluster.py"), "--rates", rates, "--methods",
+                           methods, "--seeds", "0", "--budget", budget, "--width", "256", "--samples", "2000",
+                           "--out", str(out), "--no-markdown"], check=True, timeout=900, cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    return done.stdout
+
+
+def _cluster_runs(out: Path):
+    return {run["name"]: run for run in json.loads((out / "cluster.json").read_text())["runs"]}
+
+
+def test_cluster_benchmark_runs_over_shared_memory(tmp_path):
+    first = _cluster_benchmark(tmp_path, "shm", "lsgd,dp", "2", tmp_path / "cache")
+    runs = _cluster_runs(tmp_path)
+    assert set(runs) == {"shm-2x2-lsgd-seed0", "shm-2x2-dp-seed0"}, first
+    payload = runs["shm-2x2-dp-seed0"]["parameter_bytes"]
+    assert payload == 4 * (256 * 256 + (40 + 12) * 256 + 10)  # the MLP's float32 parameters
+    for run in runs.values():
+        assert run["status"] == "ok" and run["steps"] > 0 and 0.0 < run["final_accuracy"] <= 1.0, run
+        assert run["link_counters"] is None  # one node: no link
+    # data-parallel SGD all-reduces every gradient every step; multi-leader LSGD (tau=4, tau_G=16)
+    # sends 1/4 + 1/16 of a payload per step in whole periods
+    assert runs["shm-2x2-dp-seed0"]["comm_bytes_per_step"] == payload
+    assert runs["shm-2x2-lsgd-seed0"]["comm_bytes_per_step"] < payload / 3
+    assert (tmp_path / "cluster.png").stat().st_size > 0
+    # resumable: a second call finds both results and runs nothing
+    again = _cluster_benchmark(tmp_path, "shm", "lsgd,dp", "2", tmp_path / "cache")
+    assert "2 runs, 2 already done, 0 to run" in again, again
+
+
+def test_cluster_benchmark_counts_link_bytes_on_the_emulated_cluster(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from cluster import emulator_unavailable
+
+    reason = emulator_unavailable()
+    if reason:
+        pytest.skip(f"the emulated cluster cannot run here: {reason}")
+    out = _cluster_benchmark(tmp_path, "100mbit", "lsgd", "3", tmp_path / "cache")
+    run = _cluster_runs(tmp_path)["100mbit-2x2-lsgd-seed0"]
+    assert run["status"] == "ok", out
+    nodes = run["link_counters"]
+    assert set(nodes) == {"node0", "node1"}, nodes
+    # every global refresh (each 16 steps) carries the leader's parameters into the other node
+    refreshes = int(run["steps"]) // 16
+    received = sum(node["train"]["rx"] for node in nodes.values())
+    assert received >= 0.9 * refreshes * run["parameter_bytes"], (received, refreshes, run["parameter_bytes"])
+    for node in nodes.values():
+        assert node["whole"]["tx"] >= node["train"]["tx"] and node["whole"]["rx"] >= node["train"]["rx"]
+    assert (tmp_path / "cluster.png").stat().st_size > 0

@@ -1,0 +1,350 @@
+"""The cluster benchmark's figures: one run's summary, the per-rate tables, the targets, the plot.
+
+Definitions (P is the model's float32 parameter payload):
+
+* accuracy: the model ``horovod_leader.report`` plots for the run (``curve_of``): LSGD's
+  global leader, the centre for the others (EASGD's centre variable, DiLoCo's outer
+  parameters), rank 0's worker for asynchronous runs (no collective may run between their
+  refreshes); the final leader and centre accuracies are kept beside it;
+* accuracy at the budget: the test-accuracy curve, linear between evaluations, read at the
+  budget. A synchronous run reads the shared clock every tau steps (data-parallel SGD every
+  10), so it can stop past the budget; what it learnt after the budget is not counted;
+* target at a rate: the mean over seeds of data-parallel SGD's accuracy at the budget;
+  a run's time to target is where its curve (linear between evaluations) first reaches the
+  target, counted only within the budget;
+* steps/s: steps (mean over ranks) over the final training time;
+* comm bytes/step/worker: each rank's ``comm_bytes`` (and one-sided window bytes) over its
+  steps, mean over ranks;
+* link bytes/step: bytes the nodes sent through their links while the training clock ran
+  (Ethernet level, headers and acknowledgements included), summed over nodes, per step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from mpi_launch import REPO
+
+NAMES = {"lsgd": "LSGD (multi-leader)", "mgrawa": "MGRAWA", "easgd": "EASGD", "localsgd": "local SGD",
+         "dp": "data-parallel SGD", "lsgd-async": "LSGD async", "diloco": "DiLoCo", "lsgd-bf16": "LSGD bf16",
+         "lsgd-int8": "LSGD int8", "lsgd-tauG64": "LSGD tau=16, tau_G=64", "mgrawa-bf16": "MGRAWA bf16",
+         "mgrawa-int8": "MGRAWA int8", "lgrawa": "LGRAWA", "mgrawa-async": "MGRAWA async",
+         "easgd-async": "EASGD async"}
+
+
+def summarise_run(folder: Path, link_dir: Path, payload: int) -> Dict:
+    """Curve, final figures and byte counts of one finished training run."""
+    from horovod_leader.report import curve, load_run
+
+    run = load_run(folder)
+    records, config = run["records"], run["config"]
+    last = records[-1]
+    steps = last.get("steps") or [last["step"]]
+    per_rank = lambda key: (last.get(key) if isinstance(last.get(key), list) else [last.get(key) or 0] * len(steps))
+    comm = [c + o for c, o in zip(per_rank("comm_bytes"), per_rank("one_sided_bytes"))]
+    mean_steps = sum(steps) / len(steps)
+    points = curve(run)
+    links = {}
+    for path in sorted(link_dir.glob("*.json")) if link_dir.is_dir() else []:
+        links[path.stem] = json.loads(path.read_text())
+    summary = {
+        "curve": points, "curve_of": run["model"], "final_accuracy": points[-1][1] if points else None,
+        "final_leader_accuracy": last.get("leader_accuracy"), "final_centre_accuracy": last.get("centre_accuracy"),
+        "train_seconds": last["train_seconds"],
+        "wall_seconds": last["wall_seconds"], "steps": mean_steps,
+        "steps_per_s": mean_steps / last["train_seconds"] if last["train_seconds"] > 0 else None,
+        "comm_bytes_per_step": statistics.mean(c / max(s, 1) for c, s in zip(comm, steps)),
+        "parameter_bytes": payload, "link_counters": links or None,
+        "periods": {key: config.get(key) for key in ("period", "global_period")},
+        "compression": config.get("compression"),
+    }
+    if config.get("algo") == "lsgd" and not config.get("asynchronous") and config.get("global_period"):
+        summary["global_refreshes"] = int(min(steps)) // int(config["global_period"])
+    if links:
+        summary["link_sent_train"] = sum(n["train"]["tx"] for n in links.values())
+        summary["link_sent_per_step"] = summary["link_sent_train"] / max(mean_steps, 1)
+        summary["link_received_per_step"] = sum(n["train"]["rx"] for n in links.values()) / max(mean_steps, 1)
+        summary["link_sent_whole_run"] = sum(n["whole"]["tx"] for n in links.values())
+    return summary
+
+
+# ---------------------------------------------------------------------------- aggregation
+def mean_sd(values: List[float], scale: float = 1.0, spec: str = ".2f") -> str:
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+
+
+def mean_or_none(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def accuracy_at(curve, budget: float) -> Optional[float]:
+    """The curve, linear between evaluations, at ``budget`` (its last point if it ends sooner)."""
+    before = [(t, a) for t, a in curve if t <= budget]
+    after = [(t, a) for t, a in curve if t > budget]
+    if not before:
+        return None
+    if not after:
+        return before[-1][1]
+    (t0, a0), (t1, a1) = before[-1], after[0]
+    return a0 + (a1 - a0) * (budget - t0) / (t1 - t0)
+
+
+def time_to(curve, target: float, budget: float) -> Optional[float]:
+    """Training time at which the curve, linear between evaluations, first reaches ``target``;
+    None if not within ``budget``."""
+    previous = None
+    for t, a in curve:
+        if a >= target:
+            if previous is None or a == previous[1]:
+                reached = t
+            else:
+                reached = previous[0] + (target - previous[1]) / (a - previous[1]) * (t - previous[0])
+            return reached if reached <= budget else None
+        previous = (t, a)
+    return None
+
+
+def aggregate(results: List[Dict]) -> Dict:
+    """{(shape, rate): {"target": ..., "methods": {method: row}}} over the successful runs."""
+    cells: Dict = {}
+    for r in results:
+        cell = cells.setdefault((r["shape"], r["rate"]), {"runs": {}, "failed": {}})
+        bucket = cell["runs"] if r["status"] == "ok" else cell["failed"]
+        bucket.setdefault(r["method"], []).append(r)
+    for cell in cells.values():
+        dp = cell["runs"].get("dp", [])
+        cell["target"] = mean_or_none(accuracy_at(r["curve"], r["budget"]) for r in dp)
+        cell["methods"] = {}
+        for method, runs in cell["runs"].items():
+            times = ([time_to(r["curve"], cell["target"], r["budget"]) for r in runs]
+                     if cell["target"] is not None else [])
+            cell["methods"][method] = {
+                "runs": len(runs), "final_accuracy": [r["final_accuracy"] for r in runs],
+                "accuracy_at_budget": [accuracy_at(r["curve"], r["budget"]) for r in runs],
+                "train_seconds": [r["train_seconds"] for r in runs], "time_to_target": times,
+                "reached": sum(t is not None for t in times), "steps_per_s": [r["steps_per_s"] for r in runs],
+                "comm_bytes_per_step": [r["comm_bytes_per_step"] for r in runs],
+                "link_sent_per_step": [r.get("link_sent_per_step") for r in runs],
+                "link_sent_per_refresh": [r["link_sent_train"] / r["global_refreshes"] for r in runs
+                                          if r.get("global_refreshes") and r.get("link_sent_train") is not None],
+                "link_sent_whole_run": [r.get("link_sent_whole_run") for r in runs],
+                "periods": runs[0]["periods"], "payload": runs[0]["parameter_bytes"]}
+    return cells
+
+
+def periods_text(method: str, periods: Dict) -> str:
+    if method.startswith("dp"):
+        return "every step"
+    if periods.get("global_period") and method.startswith("lsgd"):
+        return f"tau={periods['period']} in a node, tau_G={periods['global_period']}"
+    return f"tau={periods.get('period')}"
+
+
+# ---------------------------------------------------------------------------- tables
+def rate_table(cell: Dict) -> str:
+    from report_tables import markdown_table
+
+    dp_time = mean_or_none(cell["methods"].get("dp", {}).get("time_to_target", []))
+    rows = []
+    for method, row in cell["methods"].items():
+        mean_time = mean_or_none(row["time_to_target"])
+        ratio = "-" if mean_time is None or not dp_time else f"{mean_time / dp_time:.2f}x"
+        payload = row["payload"]
+        link = [v / payload for v in row["link_sent_per_step"] if v is not None]
+        rows.append([NAMES.get(method, method), periods_text(method, row["periods"]),
+                     mean_sd(row["accuracy_at_budget"], 100), mean_sd(row["train_seconds"], spec=".1f"),
+                     f"{mean_sd(row['time_to_target'], spec='.1f')} ({row['reached']}/{row['runs']})", ratio,
+                     mean_sd(row["steps_per_s"], spec=".2f"),
+                     f"{mean_or_none(row['comm_bytes_per_step']) / 1e6:.2f} MB "
+                     f"({mean_or_none(row['comm_bytes_per_step']) / payload:.4f} P)",
+                     f"{statistics.mean(link):.4f} P" if link else "-"])
+    return markdown_table(["method", "periods", "test acc. % at the budget", "training s at the end",
+                           "s to target (runs reaching)",
+                           "time vs DP", "steps/s", "comm_bytes/step/worker", "link bytes/step, all nodes sent"],
+                          rows)
+
+
+def target_lines(cells: Dict, shape: str) -> List[str]:
+    """The targets, computed from the runs: met or not, with the figures. Mean times are over
+    the runs that reach the target (their count is given)."""
+    lines = []
+    for (cell_shape, rate), cell in sorted(cells.items(), key=lambda kv: rate_order(kv[0][1])):
+        if cell_shape != shape or cell["target"] is None:
+            continue
+        m = cell["methods"]
+        time_of = lambda method: mean_or_none(m.get(method, {}).get("time_to_target", []))
+        acc_of = lambda method: mean_or_none(m.get(method, {}).get("accuracy_at_budget", []))
+        reached = lambda method: f"{m[method]['reached']}/{m[method]['runs']}"
+        times = lambda method: f"{mean_sd(m[method]['time_to_target'], spec='.1f')} s ({reached(method)})"
+        lsgd, dp, easgd = time_of("lsgd"), time_of("dp"), time_of("easgd")
+        if "lsgd" in m and dp and acc_of("lsgd") is not None:
+            ratio = None if lsgd is None else lsgd / dp
+            drop = 100 * (acc_of("dp") - acc_of("lsgd"))
+            met = ratio is not None and ratio <= 0.5 and drop <= 0.5
+            lines.append(f"- {rate}: LSGD reaches the target in {times('lsgd')}, data-parallel SGD in {times('dp')}: "
+                         f"{'-' if ratio is None else f'{ratio:.2f}x'}; accuracy at the budget "
+                         f"{acc_of('lsgd') * 100:.2f}% against {acc_of('dp') * 100:.2f}% (target: at most 0.5x "
+                         f"the time, at most 0.5 points lower): **{'met' if met else 'not met'}**.")
+        if all(k in m for k in ("lsgd", "easgd", "dp")):
+            holds = None not in (lsgd, easgd, dp) and lsgd <= easgd <= dp
+            lines.append(f"- {rate}: times to target LSGD {times('lsgd')}, EASGD {times('easgd')}, data-parallel "
+                         f"SGD {times('dp')}: the papers' ordering LSGD <= EASGD <= DP "
+                         f"**{'holds' if holds else 'does not hold'}** on the means.")
+        row = m.get("lsgd")
+        link = [v for v in (row or {}).get("link_sent_per_step", []) if v is not None]
+        if row and link and row["periods"].get("global_period"):
+            one_payload = row["payload"] / row["periods"]["global_period"]
+            per_refresh = [v / row["payload"] for v in row["link_sent_per_refresh"]]
+            lines.append(f"- {rate}: multi-leader LSGD sent {statistics.mean(link) / 1e6:.3f} MB per step across the "
+                         f"links (all nodes, training clock): {statistics.mean(link) / one_payload:.2f}x one payload "
+                         f"per tau_G steps ({one_payload / 1e6:.3f} MB)"
+                         + (f", {mean_sd(per_refresh)} payloads per global refresh" if per_refresh else "")
+                         + f"; its comm_bytes count {mean_or_none(row['comm_bytes_per_step']) / 1e6:.3f} MB per "
+                         "step per worker, the exchanges inside the nodes (every tau steps) included.")
+    return lines
+
+
+def compression_lines(cells: Dict, shape: str) -> List[str]:
+    """Compressed exchanges against uncompressed ones, and DiLoCo against LSGD, where run."""
+    lines = []
+    for (cell_shape, rate), cell in sorted(cells.items(), key=lambda kv: rate_order(kv[0][1])):
+        m = cell["methods"]
+        if cell_shape != shape:
+            continue
+        for base in ("lsgd", "mgrawa"):
+            for kind in ("bf16", "int8"):
+                variant = f"{base}-{kind}"
+                if base not in m or variant not in m:
+                    continue
+                plain = [a for a in m[base]["accuracy_at_budget"] if a is not None]
+                packed = [a for a in m[variant]["accuracy_at_budget"] if a is not None]
+                if not plain or not packed:
+                    continue
+                change = 100 * (statistics.mean(packed) - statistics.mean(plain))
+                spread = f"seeds' spread {mean_sd(plain, 100)} and {mean_sd(packed, 100)}"
+                line = (f"- {rate}: {NAMES[variant]} changes the accuracy at the budget by {change:+.2f} points "
+                        f"({spread}; target: at most 0.3): **{'met' if abs(change) <= 0.3 else 'not met'}**")
+                plain_time, packed_time = (mean_or_none(m[k]["time_to_target"]) for k in (base, variant))
+                if plain_time and packed_time:
+                    line += f"; time to target {plain_time / packed_time:.2f}x sooner than uncompressed"
+                    if base == "lsgd" and kind == "int8" and rate == "100mbit":
+                        met = plain_time >= 1.5 * packed_time
+                        line += f" (target at 100mbit: at least 1.5x): **{'met' if met else 'not met'}**"
+                lines.append(line + ".")
+        if "diloco" in m and "lsgd" in m:
+            diloco, lsgd = m["diloco"], m["lsgd"]
+            lines.append(f"- {rate}: DiLoCo reaches the target in {mean_sd(diloco['time_to_target'], spec='.1f')} s "
+                         f"({diloco['reached']}/{diloco['runs']}), LSGD in "
+                         f"{mean_sd(lsgd['time_to_target'], spec='.1f')} s ({lsgd['reached']}/{lsgd['runs']}); "
+                         f"accuracy at the budget {mean_sd(diloco['accuracy_at_budget'], 100)}% against "
+                         f"{mean_sd(lsgd['accuracy_at_budget'], 100)}%.")
+    return lines
+
+
+# ---------------------------------------------------------------------------- plot
+def plot(results: List[Dict], cells: Dict, shape: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    rates = sorted({r["rate"] for r in results if r["shape"] == shape}, key=rate_order)
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4), sharey=True, squeeze=False)
+    for ax, rate in zip(axes[0], rates):
+        for i, method in enumerate(methods):
+            runs = [r for r in results if r["shape"] == shape and r["rate"] == rate and r["method"] == method
+                    and r["status"] == "ok"]
+            for j, r in enumerate(runs):
+                ax.plot([t for t, _ in r["curve"]], [max(100 * (1 - a), 1e-2) for _, a in r["curve"]], marker=".",
+                        ms=3, color=f"C{i % 10}", lw=1, alpha=0.8, label=NAMES.get(method, method) if j == 0 else None)
+        ax.axvline(results[0]["budget"], color="grey", lw=0.8, ls=":", label="budget")
+        target = cells.get((shape, rate), {}).get("target")
+        if target is not None:
+            ax.axhline(100 * (1 - target), color="k", lw=0.8, ls="--", label="target (DP's mean at the budget)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.set_title(where(shape, rate), fontsize=10)
+        ax.set_xlabel("training time (s), evaluation excluded")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("test error (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("MNIST-1D: test error against training time, one line per seed", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def where(shape: str, rate: str) -> str:
+    nodes, _, ranks = shape.partition("x")
+    if rate == "shm":
+        return f"1 node of {int(nodes) * int(ranks)} ranks (groups of {ranks}), shared memory only"
+    return f"{nodes} nodes x {ranks} ranks, links of {rate}"
+
+
+def rate_order(rate: str):
+    if rate == "shm":
+        return math.inf
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1}
+    for unit, scale in units.items():
+        if rate.endswith(unit):
+            try:
+                return float(rate[: -len(unit)]) * scale
+            except ValueError:
+                break
+    return 0.0
+
+
+# ---------------------------------------------------------------------------- outputs
+def write_outputs(args, results: List[Dict], skipped: Dict[str, str], out: Path, command: str) -> None:
+    from report_tables import git_revision, machine_description, today, update_section
+
+    cells = aggregate(results)
+    shapes = list(dict.fromkeys(r["shape"] for r in results))
+    plots = {}
+    for shape in shapes:
+        plots[shape] = out / ("cluster.png" if shape == shapes[0] else f"cluster-{shape}.png")
+        plot(results, cells, shape, plots[shape])
+    machine = machine_description()
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    (out / "cluster.json").write_text(json.dumps(
+        {"benchmark": "cluster", "machine": machine, "date": today(), "revision": git_revision(),
+         "command": command, "settings": settings, "skipped": skipped, "runs": results}, indent=1))
+    sections = []
+    for shape in shapes:
+        for (cell_shape, rate), cell in sorted(cells.items(), key=lambda kv: rate_order(kv[0][1])):
+            if cell_shape != shape:
+                continue
+            target = f"{100 * cell['target']:.2f}%" if cell["target"] is not None else (
+                "none: no data-parallel SGD evaluation within the budget" if "dp" in cell["runs"] else
+                "none: no data-parallel SGD run")
+            failed = "; ".join(f"{NAMES.get(m, m)}: {len(rs)} run(s) {rs[0]['status']}" for m, rs in
+                               cell["failed"].items())
+            sections.append(f"**{where(shape, rate)}** (target: {target})"
+                            + (f". Failed: {failed}" if failed else "") + "\n\n" + rate_table(cell))
+        lines = target_lines(cells, shape) + compression_lines(cells, shape)
+        sections.append("Targets, computed from the runs above:\n\n" + "\n".join(lines or ["- (no run with a target)"]))
+    print("\n\n".join(sections))
+    for shape, path in plots.items():
+        print(f"plot: {path}")
+    if args.no_markdown:
+        return
+    payload = results[0].get("parameter_bytes") or args.parameter_bytes
+    header = (f"Machine: {machine}. Date: {today()}. Revision: {git_revision()}.\nCommand: `{command}`\n\n"
+              f"MNIST-1D, `--model {args.model}` (P = {payload:,} bytes of float32 parameters), `--preset paper`, "
+              f"{args.budget:g} s of training per run (training clock), seeds {args.seeds}. Every byte column is "
+              "per step; P is one parameter payload.")
+    not_run = "".join(f"\n\nNot run: {NAMES.get(m, m)} ({why})." for m, why in skipped.items())
+    plot_lines = "\n".join(f"Plot: `{os.path.relpath(p, REPO)}`" for p in plots.values())
+    update_section(args.section, header + "\n\n" + "\n\n".join(sections) + not_run + "\n\n" + plot_lines)
