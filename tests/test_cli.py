@@ -216,7 +216,7 @@ def test_asynchronous_run_checkpoints_at_the_end_and_resumes(tmp_path, options):
     """An asynchronous run writes its checkpoint after close() (every rank's state final, the
     one-sided EASGD's centre shards included) and a second segment continues from it."""
     out = tmp_path / "run"
-    train(4, *options, "--async", "--batch-size", "32", "--lr", "0.05", "--epochs", "2", "--eval-every", "0.3",
+    train(4, *options, "--async", "--batch-size", "32", "--lr", "0.05", "--epochs", "2", "--eval-every", "0.01",
           "--out", str(out))
     first = records(out)[-1]
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 22
