@@ -4,9 +4,9 @@ rate-limited links, under its three launchers (mpirun, horovodrun in MPI mode, h
 import functools
 import os
 import re
-import shutil
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import List, Optional
@@ -22,17 +22,11 @@ RATE_MBIT = 50  # low, so that a few megabytes measure it and the CPU is never t
 
 @functools.lru_cache(maxsize=None)
 def _why_unavailable() -> Optional[str]:
-    if os.geteuid() != 0:
-        return "the emulated cluster needs root: it creates network namespaces, veth pairs and a bridge"
-    for tool in ("ip", "tc", "unshare"):
-        if shutil.which(tool) is None:
-            return f"'{tool}' is not installed"
-    probe = f"hl-probe-{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"network namespaces cannot be made here: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
+    """The same probe the cluster benchmark uses (root, the tools, a namespace made and removed)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from cluster import emulator_unavailable
+
+    return emulator_unavailable()
 
 
 @pytest.fixture

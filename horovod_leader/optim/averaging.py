@@ -128,17 +128,17 @@ class MeanRound:
         Returns how many workers were healthy; with none, the sums are left as they are
         (there is no mean, and the caller raises ``AllWorkersDiverged``).
         """
-        if self._gather is not None:
+        if self._gather is not None:  # the parameters come as gathered payloads, the buffers as sums
             flags = results[0].reshape(-1)
             healthy = int(round(float(flags.sum())))
             if healthy:
                 self._gather.combine(results[1:], self._flats, self._refs, flags / healthy, self.params)
-                for buf in self.buffers.values():
-                    buf.div_(healthy)
-            return healthy
-        healthy = int(round(float(self.count)))
+            sums = list(self.buffers.values())
+        else:
+            healthy = int(round(float(self.count)))
+            sums = list(self.params.values()) + list(self.buffers.values())
         if healthy:
-            for buf in list(self.params.values()) + list(self.buffers.values()):
+            for buf in sums:
                 buf.div_(healthy)
         return healthy
 

@@ -17,7 +17,7 @@ import torch
 from horovod_leader import abort
 from horovod_leader.comm import Collectives
 from horovod_leader.errors import AllWorkersDiverged
-from horovod_leader.flat import FlatBuffer, pack
+from horovod_leader.flat import FlatBuffer, key_name, pack
 from horovod_leader.topology import Topology
 
 log = logging.getLogger("horovod_leader")
@@ -142,6 +142,13 @@ class DistributedWrapper:
         self.optimizer.state.clear()
         self.recoveries += 1
         self._reset_since_step = True
+
+    def _exchanged(self) -> Dict[str, FlatBuffer]:
+        """Every packed buffer (parameters, floating and other buffers) by a rank-independent name."""
+        out = {"param." + key_name(k): f for k, f in self.params.items()}
+        out.update({"fbuf." + key_name(k): f for k, f in self.float_buffers.items()})
+        out.update({"obuf." + key_name(k): f for k, f in self.other_buffers.items()})
+        return out
 
     # ------------------------------------------------------------------ common API
     @property

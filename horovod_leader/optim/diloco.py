@@ -41,7 +41,7 @@ class DiLoCo(DistributedWrapper):
 
     Args:
         optimizer: the inner optimizer over ``model``'s parameters.
-        model: the model; rank 0's parameters and floating buffers are broadcast to every rank
+        model: the model; rank 0's parameters and buffers are broadcast to every rank
             at construction and become the first :math:`\theta`.
         period: H, inner steps per round (default 500, the paper's; small models want fewer).
         outer_lr: :math:`\eta_{out}` (paper: 0.7).
@@ -64,7 +64,7 @@ class DiLoCo(DistributedWrapper):
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
         self._mean = MeanRound(self.compression)
         # Every worker starts each round from the same outer parameters: rank 0's, to begin with.
-        for name, flat in self._exchanged_at_start().items():
+        for name, flat in self._exchanged().items():
             self.comm.wait(self.comm.broadcast_async_(flat.flat, 0, name=f"start.{name}"))
         # The outer parameters: a copy of the packed buffers, stepped by a real torch.optim.SGD.
         self.outer: Dict[Any, torch.Tensor] = {key: flat.flat.detach().clone() for key, flat in self.params.items()}
@@ -72,13 +72,6 @@ class DiLoCo(DistributedWrapper):
         self.outer_optimizer = torch.optim.SGD(self._outer_params, lr=self.outer_lr, momentum=self.outer_momentum,
                                                nesterov=self.nesterov)
         self._setup_rounds(False, self.period)
-
-    def _exchanged_at_start(self) -> Dict[str, Any]:
-        from horovod_leader.flat import key_name
-
-        out = {"param." + key_name(k): f for k, f in self.params.items()}
-        out.update({"buffer." + key_name(k): f for k, f in list(self.float_buffers.items())})
-        return out
 
     def step(self, loss=None) -> None:
         """One inner step; every ``period`` steps, the outer round."""

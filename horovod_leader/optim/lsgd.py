@@ -15,7 +15,7 @@ import torch
 from horovod_leader import compression, fused
 from horovod_leader.compression import check_compression
 from horovod_leader.election import ScoreWindow, elect_all
-from horovod_leader.flat import FlatBuffer, key_name
+from horovod_leader.flat import key_name
 from horovod_leader.optim.base import DistributedWrapper
 from horovod_leader.optim.two_force import TwoForceStep
 from horovod_leader.validation import check_bool, check_fraction, check_int, check_multiple
@@ -270,13 +270,6 @@ class LSGD(DistributedWrapper):
         self._pull_buffers(a, b, got_local, got_global)
 
     # ------------------------------------------------------------------ exchanging copies
-    def _exchanged(self) -> Dict[str, FlatBuffer]:
-        """Every packed buffer that travels with the leader, by a rank-independent name."""
-        out = {"param." + key_name(k): f for k, f in self.params.items()}
-        out.update({"fbuf." + key_name(k): f for k, f in self.float_buffers.items()})
-        out.update({"obuf." + key_name(k): f for k, f in self.other_buffers.items()})
-        return out
-
     def _post_receive(self, level: str, leader: int) -> list:
         """Post the leader's broadcast of every exchanged buffer into the incoming buffers.
 
