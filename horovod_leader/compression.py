@@ -64,7 +64,9 @@ def encode(kind: str, values: torch.Tensor) -> List[torch.Tensor]:
     padded[:v.numel()] = v
     tiles = padded.view(blocks, INT8_BLOCK)
     scales = tiles.abs().amax(dim=1) / 127.0
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    # An all-zero block gets scale 1; a block holding NaN or inf keeps its non-finite scale, so
+    # that it decodes to non-finite values and the receiver's health check still sees it.
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
     quantised = torch.round(tiles / scales[:, None]).clamp_(-127, 127).to(torch.int8)
     return [quantised.reshape(-1), scales]
 

@@ -109,3 +109,24 @@ def test_grawa_weights_arithmetic():
     assert float(smoother(torch.tensor([3.0], dtype=torch.float64))) == pytest.approx(3.0)
     assert float(smoother(torch.tensor([6.0], dtype=torch.float64))) == pytest.approx(
         (0.43 * (0.57 * 3 + 0.43 * 0.57 * 3) + 0.57 * 6) / (1 - 0.43 ** 3))
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_compression_round_trip_and_non_finite_blocks(kind):
+    from horovod_leader import compression
+
+    torch.manual_seed(0)
+    values = torch.randn(1000) * torch.logspace(-3, 1, 1000)
+    values[256:512] = 0.0  # an all-zero block
+    decoded = compression.decode(kind, compression.encode(kind, values), values.numel())
+    assert decoded.shape == values.shape and torch.isfinite(decoded).all()
+    assert torch.equal(decoded[256:512], values[256:512])
+    assert (decoded - values).abs().max().item() <= compression.max_error(kind, values) + 1e-12
+    # A NaN or inf anywhere in a block must reach the receiver as non-finite values, never as
+    # finite garbage: the receiver's health check is what discards a diverged leader's copy.
+    for bad in (math.nan, math.inf):
+        broken = values.clone()
+        broken[700] = bad
+        decoded = compression.decode(kind, compression.encode(kind, broken), broken.numel())
+        assert not torch.isfinite(decoded[700])
+        assert torch.isfinite(decoded[:512]).all()  # other blocks are untouched

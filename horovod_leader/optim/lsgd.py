@@ -279,14 +279,22 @@ class LSGD(DistributedWrapper):
         process_set = self.topology.process_set if level == "local" else self.comm.global_process_set
         incoming = self._incoming[level]
         handles, self._payloads[level] = [], []
+        # Asynchronous rounds broadcast the copy of a leader elected one round earlier. If that
+        # leader has since been reset, its parameters are only some other worker's copy: it
+        # sends NaN, which every receiver discards. Otherwise resets could feed on one another
+        # and keep finite copies circulating while in truth every worker keeps diverging.
+        withdrawn = self.asynchronous and self.rank == leader and not self._may_contribute()
         for name, flat in self._exchanged().items():
             buf = incoming.get(name)
             if buf is None:
                 buf = incoming[name] = flat.like()
+            source = flat.flat
+            if withdrawn and source.is_floating_point():
+                source = torch.full_like(source, math.nan)
             if self.compression and flat.flat.is_floating_point():
                 ref = self._copies[level].get(name)
                 if self.rank == leader:
-                    payload = compression.encode(self.compression, flat.flat - ref if ref is not None else flat.flat)
+                    payload = compression.encode(self.compression, source - ref if ref is not None else source)
                 else:
                     payload = compression.payload_like(self.compression, flat.numel)
                 self._payloads[level].append((name, ref, payload))
@@ -294,7 +302,7 @@ class LSGD(DistributedWrapper):
                             for j, part in enumerate(payload)]
                 continue
             if self.rank == leader:
-                buf.copy_(flat.flat)
+                buf.copy_(source)
             handles.append(self.comm.broadcast_async_(buf, leader, name=f"{level}.{name}", process_set=process_set))
         return handles
 

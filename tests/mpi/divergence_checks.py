@@ -75,8 +75,14 @@ for name, (group_size, make) in WRAPPERS.items():
 
 
 def diverge_everywhere(label: str, opt, model, at_step: int, asynchronous: bool = False):
-    """NaN parameters on every rank from ``at_step`` on; expect AllWorkersDiverged everywhere."""
-    for step in range(1, 40):
+    """NaN parameters on every rank from ``at_step`` on; expect AllWorkersDiverged everywhere.
+
+    Synchronous: within 40 steps. Asynchronous: within 30 seconds, since a rank may take many
+    cheap steps while the round that finds every worker diverged is still in flight."""
+    deadline = time.monotonic() + 30.0
+    step = 0
+    while (time.monotonic() < deadline) if asynchronous else step < 40:
+        step += 1
         loss = model(torch.ones(2, 3)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -94,7 +100,7 @@ def diverge_everywhere(label: str, opt, model, at_step: int, asynchronous: bool 
             assert "every worker diverged at step" in message and "lower learning rate" in message, message
             value(label, f"raised at step {opt.steps}: {message[:90]}...")
             return opt.steps
-    raise AssertionError(f"{label}: no AllWorkersDiverged within 40 steps")
+    raise AssertionError(f"{label}: no AllWorkersDiverged within {step} steps")
 
 
 for name, (group_size, make) in WRAPPERS.items():
