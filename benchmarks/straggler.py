@@ -2,6 +2,12 @@
 
     python benchmarks/straggler.py                       # 4 ranks, rank 3 three times slower
     python benchmarks/straggler.py --budget 2 --no-markdown --out /tmp/s   # a tiny run
+    python benchmarks/straggler.py --link-rate 1gbit     # on an emulated cluster of 2 nodes x 2 ranks
+
+With ``--link-rate`` (as root, where network namespaces can be made) the 4 ranks run on
+``launch/emulated_cluster.sh`` (2 nodes of 2 ranks joined by links of that rate), so that the
+asynchronous rounds cross a real TCP link and the global step count is served over TCP; the
+results go to ``straggler_emulated.json`` and the ``straggler_emulated`` section.
 
 Rank 3 is slowed by a known factor: after each forward and backward pass it sleeps
 (factor - 1) times the time that computation took it. Each configuration trains the digits
@@ -31,9 +37,13 @@ def launch(args) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    raw = out / "straggler_raw.json"
-    relaunch(__file__, ["--budget", str(args.budget), "--factor", str(args.factor), "--out", str(raw)],
-             timeout=60 + 8 * args.budget)
+    stem = "straggler_emulated" if args.link_rate else "straggler"
+    raw = out / f"{stem}_raw.json"
+    worker_args = ["--budget", str(args.budget), "--factor", str(args.factor), "--out", str(raw)]
+    if args.link_rate:
+        run_emulated(args.link_rate, worker_args, timeout=120 + 8 * args.budget)
+    else:
+        relaunch(__file__, worker_args, timeout=60 + 8 * args.budget)
     runs = json.loads(raw.read_text())
     rows, summary = [], {}
     for algo in ("lsgd", "grawa"):
@@ -54,20 +64,39 @@ def launch(args) -> None:
                      f"{asyn['worst_lag_rounds']} ({100 * during:.0f}% in training)"])
     machine = machine_description()
     command = " ".join(["python"] + sys.argv)
-    result = {"benchmark": "straggler", "machine": machine, "date": today(), "command": command,
+    where = (f"an emulated cluster of 2 nodes x 2 ranks, links of {args.link_rate} (rank 3 on the second node)"
+             if args.link_rate else "one node, shared memory")
+    result = {"benchmark": stem, "machine": machine, "date": today(), "command": command, "where": where,
               "budget_s": args.budget, "factor": args.factor, "summary": summary, "runs": runs}
-    (out / "straggler.json").write_text(json.dumps(result, indent=2))
-    plot(summary, out / "straggler.png", args)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(summary, out / f"{stem}.png", args)
     table = markdown_table(["method", "period τ", "fast ranks, steps/s sync", "fast ranks, steps/s async",
                             "async / sync", "slow rank steps/s (sync / async)", "test acc. sync", "test acc. async",
                             "worst staleness, rounds (rounds started during training)"], rows)
     print(table)
     if not args.no_markdown:
-        update_section("straggler", f"Machine: {machine}. Date: {today()}. 4 ranks, rank 3 slowed {args.factor}x, "
-                                    f"{args.budget} s per configuration including `close()`, digits CNN, "
-                                    "LSGD with one group (τ = τ_G = 4), MGRAWA τ = 8.\n"
-                                    f"Command: `{command}`\n\n{table}\n\n"
-                                    "Plot: `benchmarks/results/straggler.png`")
+        update_section(stem, f"Machine: {machine}. Date: {today()}. 4 ranks on {where}, rank 3 slowed "
+                             f"{args.factor}x, {args.budget} s per configuration including `close()`, digits CNN, "
+                             "LSGD with one group (τ = τ_G = 4), MGRAWA τ = 8.\n"
+                             f"Command: `{command}`\n\n{table}\n\n"
+                             f"Plot: `benchmarks/results/{stem}.png`")
+
+
+def run_emulated(rate: str, worker_args, timeout: float) -> None:
+    """The worker on the emulated cluster: 2 nodes of 2 ranks, links of ``rate``."""
+    import os
+    import subprocess
+
+    from cluster import EMULATOR, emulator_unavailable
+    from mpi_launch import REPO
+
+    reason = emulator_unavailable()
+    if reason:
+        sys.exit(f"--link-rate needs the emulated cluster, which cannot run here: {reason}")
+    env = dict(os.environ, LINK_RATE=rate, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run(["bash", str(EMULATOR), "2", "2", __file__, "--worker", *worker_args], check=True, env=env,
+                   cwd=str(REPO), timeout=timeout)
 
 
 def plot(summary, path, args):
@@ -82,7 +111,8 @@ def plot(summary, path, args):
     ax.bar([x + 0.2 for x in xs], [summary[a]["fast_steps_per_s_async"] for a in algos], 0.4, label="asynchronous")
     ax.set_xticks(list(xs), [a.upper() for a in algos])
     ax.set_ylabel("fast ranks: steps / s")
-    ax.set_title(f"One rank {args.factor}x slower (4 ranks)")
+    where = f", 2 nodes x 2 ranks at {args.link_rate}" if args.link_rate else ""
+    ax.set_title(f"One rank {args.factor}x slower (4 ranks{where})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -174,6 +204,8 @@ if __name__ == "__main__":
     parser.add_argument("--budget", type=float, default=20.0, help="wall-clock seconds per configuration")
     parser.add_argument("--factor", type=float, default=3.0, help="how many times slower rank 3 is")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--link-rate", default=None, help="run on an emulated cluster of 2 nodes x 2 ranks with "
+                        "links of this rate (tc's syntax, e.g. 1gbit); default: one node over shared memory")
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
