@@ -18,9 +18,9 @@ crossed each node's link while the training clock ran, from the node's interface
 (see ``cluster_rank.py``). A plot of test error against training time, one panel per rate.
 
 Resumable: each run leaves ``OUT/cluster_runs/NAME.json`` and is skipped when that file is
-there (``--retry-failed`` runs failed ones again). ``OUT/cluster.json`` and
-``OUT/cluster*.png`` collect everything; the Markdown goes into BENCHMARKS.md's ``cluster``
-section unless ``--no-markdown``.
+there (``--retry-failed`` runs failed ones again). ``OUT/SECTION.json`` and
+``OUT/SECTION*.png`` collect everything (``SECTION``: ``--section``, default ``cluster``); the
+Markdown goes into BENCHMARKS.md's section of that name unless ``--no-markdown``.
 """
 import argparse
 import json
@@ -220,8 +220,9 @@ def parse_args(argv=None):
                         "(default: 3 x budget + 600)")
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--section", default="cluster", help="the BENCHMARKS.md section it rewrites (another name "
-                        "keeps, say, the compression comparison beside the core grid)")
+    parser.add_argument("--section", default="cluster", help="the BENCHMARKS.md section it rewrites, and the stem of "
+                        "its JSON and plot files (another name keeps, say, the compression comparison beside the "
+                        "core grid)")
     parser.add_argument("--no-markdown", action="store_true")
     args = parser.parse_args(argv)
     pick = lambda given, core, extra: given.split(",") if given else core + (extra if args.extended else [])

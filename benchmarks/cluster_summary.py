@@ -312,14 +312,15 @@ def write_outputs(args, results: List[Dict], skipped: Dict[str, str], out: Path,
 
     cells = aggregate(results)
     shapes = list(dict.fromkeys(r["shape"] for r in results))
+    stem = args.section  # "cluster" for the core grid; another section keeps its own files beside it
     plots = {}
     for shape in shapes:
-        plots[shape] = out / ("cluster.png" if shape == shapes[0] else f"cluster-{shape}.png")
+        plots[shape] = out / (f"{stem}.png" if shape == shapes[0] else f"{stem}-{shape}.png")
         plot(results, cells, shape, plots[shape])
     machine = machine_description()
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    (out / "cluster.json").write_text(json.dumps(
-        {"benchmark": "cluster", "machine": machine, "date": today(), "revision": git_revision(),
+    (out / f"{stem}.json").write_text(json.dumps(
+        {"benchmark": stem, "machine": machine, "date": today(), "revision": git_revision(),
          "command": command, "settings": settings, "skipped": skipped, "runs": results}, indent=1))
     sections = []
     for shape in shapes:
