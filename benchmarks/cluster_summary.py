@@ -114,6 +114,23 @@ def time_to(curve, target: float, budget: float) -> Optional[float]:
     return None
 
 
+def accuracy_at_steps(run: Dict, steps: float) -> Optional[float]:
+    """The run's curve at ``steps`` steps, reading its training clock at its mean step rate
+    (the rate is steady once a run has started, and the curve is indexed by time only)."""
+    return accuracy_at(run["curve"], steps / run["steps_per_s"]) if run.get("steps_per_s") else None
+
+
+def equal_steps_change(plain_runs: List[Dict], packed_runs: List[Dict]):
+    """(change in points, steps): mean accuracy of ``packed_runs`` minus that of ``plain_runs``,
+    both read at the fewest steps any of these runs took, or None."""
+    steps = min(r["steps"] for r in plain_runs + packed_runs)
+    plain = [a for a in (accuracy_at_steps(r, steps) for r in plain_runs) if a is not None]
+    packed = [a for a in (accuracy_at_steps(r, steps) for r in packed_runs) if a is not None]
+    if not plain or not packed:
+        return None
+    return 100 * (statistics.mean(packed) - statistics.mean(plain)), steps
+
+
 def aggregate(results: List[Dict]) -> Dict:
     """{(shape, rate): {"target": ..., "methods": {method: row}}} over the successful runs."""
     cells: Dict = {}
@@ -234,6 +251,10 @@ def compression_lines(cells: Dict, shape: str) -> List[str]:
                 spread = f"seeds' spread {mean_sd(plain, 100)} and {mean_sd(packed, 100)}"
                 line = (f"- {rate}: {NAMES[variant]} changes the accuracy at the budget by {change:+.2f} points "
                         f"({spread}; target: at most 0.3): **{'met' if abs(change) <= 0.3 else 'not met'}**")
+                at_steps = equal_steps_change(cell["runs"][base], cell["runs"][variant])
+                if at_steps is not None:
+                    # The budget is time: a cheaper exchange also buys steps. This separates the two.
+                    line += f"; at equal steps ({at_steps[1]:.0f}, the fewest any of these runs took) {at_steps[0]:+.2f}"
                 plain_time, packed_time = (mean_or_none(m[k]["time_to_target"]) for k in (base, variant))
                 if plain_time and packed_time:
                     line += f"; time to target {plain_time / packed_time:.2f}x sooner than uncompressed"
@@ -241,13 +262,24 @@ def compression_lines(cells: Dict, shape: str) -> List[str]:
                         met = plain_time >= 1.5 * packed_time
                         line += f" (target at 100mbit: at least 1.5x): **{'met' if met else 'not met'}**"
                 lines.append(line + ".")
+        if "lsgd-int8" in m and "lsgd-tauG64" in m:
+            int8, sparse = m["lsgd-int8"], m["lsgd-tauG64"]
+            lines.append(f"- {rate}: at about equal link bytes, {NAMES['lsgd-int8']} (tau_G=16) sent "
+                         f"{mean_sd(int8['link_sent_per_step'], 1 / int8['payload'], '.4f')} P per step across the links "
+                         f"and {NAMES['lsgd-tauG64']} uncompressed {mean_sd(sparse['link_sent_per_step'], 1 / sparse['payload'], '.4f')} P; "
+                         f"accuracy at the budget {mean_sd(int8['accuracy_at_budget'], 100)}% against "
+                         f"{mean_sd(sparse['accuracy_at_budget'], 100)}%, time to target "
+                         f"{mean_sd(int8['time_to_target'], spec='.1f')} s ({int8['reached']}/{int8['runs']}) against "
+                         f"{mean_sd(sparse['time_to_target'], spec='.1f')} s ({sparse['reached']}/{sparse['runs']}).")
         if "diloco" in m and "lsgd" in m:
             diloco, lsgd = m["diloco"], m["lsgd"]
             lines.append(f"- {rate}: DiLoCo reaches the target in {mean_sd(diloco['time_to_target'], spec='.1f')} s "
                          f"({diloco['reached']}/{diloco['runs']}), LSGD in "
                          f"{mean_sd(lsgd['time_to_target'], spec='.1f')} s ({lsgd['reached']}/{lsgd['runs']}); "
                          f"accuracy at the budget {mean_sd(diloco['accuracy_at_budget'], 100)}% against "
-                         f"{mean_sd(lsgd['accuracy_at_budget'], 100)}%.")
+                         f"{mean_sd(lsgd['accuracy_at_budget'], 100)}%; link bytes per step "
+                         f"{mean_sd(diloco['link_sent_per_step'], 1 / diloco['payload'], '.4f')} P against "
+                         f"{mean_sd(lsgd['link_sent_per_step'], 1 / lsgd['payload'], '.4f')} P.")
     return lines
 
 

@@ -103,3 +103,22 @@ def test_cluster_benchmark_counts_link_bytes_on_the_emulated_cluster(tmp_path):
     for node in nodes.values():
         assert node["whole"]["tx"] >= node["train"]["tx"] and node["whole"]["rx"] >= node["train"]["rx"]
     assert (tmp_path / "cluster.png").stat().st_size > 0
+
+
+def test_cluster_summary_compares_compression_at_equal_steps():
+    """A run twice as fast, with the same accuracy per step, shows no change at equal steps."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import cluster_summary
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    # accuracy = steps / 1000: the plain run takes 1 step/s, the compressed one 2 steps/s
+    plain = {"curve": [(t, t / 1000) for t in (10.0, 20.0, 30.0, 40.0)], "steps_per_s": 1.0, "steps": 40}
+    packed = {"curve": [(t, 2 * t / 1000) for t in (10.0, 20.0, 30.0, 40.0)], "steps_per_s": 2.0, "steps": 80}
+    change, steps = cluster_summary.equal_steps_change([plain], [packed])
+    assert steps == 40
+    assert change == pytest.approx(0.0, abs=1e-9)
+    # a compressed run that learns less per step shows it: 0.02 - 0.03 accuracy at 30 steps
+    worse = {"curve": [(t, t / 1000) for t in (10.0, 20.0, 30.0)], "steps_per_s": 1.0, "steps": 30}
+    change, steps = cluster_summary.equal_steps_change([plain], [dict(worse, curve=[(t, a * 2 / 3) for t, a in worse["curve"]])])
+    assert steps == 30 and change == pytest.approx(-1.0)
