@@ -10,8 +10,8 @@ a worker moved since, not with the size of the weights:
 
     \text{send } e = \mathrm{encode}(x - r), \qquad \text{receive } \hat x = r + \mathrm{decode}(e)
 
-* ``bf16``: the difference rounded to bfloat16 (8 bits of mantissa: relative error at most
-  :math:`2^{-9}`), sent as its 16-bit pattern in an ``int16`` tensor, because Horovod refuses
+* ``bf16``: the difference rounded to bfloat16 (8 significant bits, 7 of them stored: relative
+  error at most :math:`2^{-8}`), sent as its 16-bit pattern in an ``int16`` tensor, because Horovod refuses
   bfloat16 tensors on the CPU. 2 bytes per value: half of float32.
 * ``int8``: per-block absmax scaling, blocks of ``INT8_BLOCK`` = 256 values:
   :math:`s_b = \max_{j\in b}|v_j|/127`, :math:`q_j = \mathrm{round}(v_j/s_b)` in [-127, 127],
@@ -46,12 +46,15 @@ def check_compression(value) -> Optional[str]:
     return None if value in (None, "none") else value
 
 
-def payload_like(kind: str, numel: int) -> List[torch.Tensor]:
-    """Empty payload tensors for ``numel`` values (what a receiver posts its broadcast into)."""
+def payload_like(kind: str, numel: int, device=None) -> List[torch.Tensor]:
+    """Empty payload tensors for ``numel`` values (what a receiver posts its broadcast into), on
+    ``device``: the sender's payload is on the model's device, and Horovod refuses a broadcast
+    whose ranks disagree on the device."""
     if kind == "bf16":
-        return [torch.empty(numel, dtype=torch.int16)]
+        return [torch.empty(numel, dtype=torch.int16, device=device)]
     blocks = (numel + INT8_BLOCK - 1) // INT8_BLOCK
-    return [torch.empty(blocks * INT8_BLOCK, dtype=torch.int8), torch.empty(blocks, dtype=torch.float32)]
+    return [torch.empty(blocks * INT8_BLOCK, dtype=torch.int8, device=device),
+            torch.empty(blocks, dtype=torch.float32, device=device)]
 
 
 def encode(kind: str, values: torch.Tensor) -> List[torch.Tensor]:

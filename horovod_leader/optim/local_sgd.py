@@ -55,7 +55,12 @@ class LocalSGD(DistributedWrapper):
             self._log_recovery("the average of the healthy workers")
 
     def state_dict(self) -> Dict[str, Any]:
-        return self._base_state()
+        state = self._base_state()
+        # the reference of compressed rounds: without it a resumed run would send whole weights
+        state["last_average"] = [self._last_average[key].clone() for key in self.params if key in self._last_average]
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._load_base_state(state)
+        saved = state.get("last_average") or []
+        self._last_average = {key: mean.clone() for key, mean in zip(self.params, saved)}

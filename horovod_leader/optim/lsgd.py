@@ -296,7 +296,7 @@ class LSGD(DistributedWrapper):
                 if self.rank == leader:
                     payload = compression.encode(self.compression, source - ref if ref is not None else source)
                 else:
-                    payload = compression.payload_like(self.compression, flat.numel)
+                    payload = compression.payload_like(self.compression, flat.numel, flat.flat.device)
                 self._payloads[level].append((name, ref, payload))
                 handles += [self.comm.broadcast_async_(part, leader, name=f"{level}.{name}.{j}", process_set=process_set)
                             for j, part in enumerate(payload)]

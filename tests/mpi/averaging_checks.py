@@ -173,7 +173,8 @@ with check("comm_volume"):
                                ("easgd", lambda o, m: hl.EASGD(o, m, period=4), 4),
                                ("mgrawa", lambda o, m: hl.GRAWA(o, m, period=4), 4),
                                ("lgrawa", lambda o, m: hl.GRAWA(o, m, period=4, layerwise=True), 4),
-                               ("lsgd", lambda o, m: hl.LSGD(o, m, period=4, global_period=4), 4)]:
+                               ("lsgd", lambda o, m: hl.LSGD(o, m, period=4, global_period=4), 4),
+                               ("diloco", lambda o, m: hl.DiLoCo(o, m, period=4), 4)]:
         per_step, P = run(make)
         total = per_step * 16
         # about P per round: the payload plus a few bytes of norms, counts or scores
@@ -181,7 +182,10 @@ with check("comm_volume"):
 
 with check("checkpoint_round_trip"):
     for name, make in [("easgd", lambda o, m: hl.EASGD(o, m, period=2)),
-                       ("grawa", lambda o, m: hl.GRAWA(o, m, period=2, prox=0.1, norm_decay=0.43))]:
+                       ("grawa", lambda o, m: hl.GRAWA(o, m, period=2, prox=0.1, norm_decay=0.43)),
+                       # the reference that compressed rounds send differences from is state too
+                       ("localsgd_int8", lambda o, m: hl.LocalSGD(o, m, period=2, compression="int8")),
+                       ("grawa_bf16", lambda o, m: hl.GRAWA(o, m, period=2, compression="bf16"))]:
         torch.manual_seed(rank)
         model = nn.Linear(5, 2)
         opt = make(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
@@ -210,7 +214,11 @@ with check("bad_arguments"):
     cases = [(hl.GRAWA, {"period": 0}, "period"), (hl.GRAWA, {"pull": 1.5}, "pull"),
              (hl.GRAWA, {"norm_decay": 1.0}, "norm_decay"), (hl.GRAWA, {"prox": -1}, "prox"),
              (hl.GRAWA, {"layerwise": "yes"}, "layerwise"), (hl.EASGD, {"beta": 0.0}, "beta"),
-             (hl.EASGD, {"alpha": 1.5}, "alpha"), (hl.LocalSGD, {"period": 2.0}, "period")]
+             (hl.EASGD, {"alpha": 1.5}, "alpha"), (hl.LocalSGD, {"period": 2.0}, "period"),
+             (hl.DiLoCo, {"outer_lr": 0.0}, "outer_lr"), (hl.DiLoCo, {"outer_momentum": 1.0}, "outer_momentum"),
+             (hl.DiLoCo, {"outer_momentum": 0.0}, "nesterov"), (hl.DiLoCo, {"period": -1}, "period"),
+             (hl.LocalSGD, {"compression": "fp8"}, "compression"), (hl.LSGD, {"compression": "int4"}, "compression"),
+             (hl.GRAWA, {"compression": 8}, "compression"), (hl.EASGD, {"compression": "BF16"}, "compression")]
     for cls, kwargs, name in cases:
         with pytest.raises(ValueError, match=name):
             cls(sgd, model, **kwargs)

@@ -1,7 +1,7 @@
 """DiLoCo and compressed exchanges on 4 ranks.
 
 * diloco_outer_step: the outer step against a hand computation (inner lr 0, injected per-rank
-  moves, two rounds, Nesterov momentum carried).
+  moves, two rounds, momentum carried), with Nesterov momentum and without.
 * diloco_state_dict_resumes: a restored twin continues bitwise like the original.
 * compression_bytes: bf16 halves and int8 quarters LSGD's broadcast bytes (plus the scales).
 * compression_copy_precision: the received copy equals the leader's parameters to the
@@ -32,22 +32,24 @@ def scalar_model(w: float, n: int = 3) -> nn.Module:
 
 
 with check("diloco_outer_step"):
-    model = scalar_model(1.0)
-    opt = hl.DiLoCo(torch.optim.SGD(model.parameters(), lr=0.0), model, period=1, outer_lr=0.7,
-                    outer_momentum=0.9, nesterov=True)
-    theta, m = 1.0, None
-    for move in (0.1, -0.2):  # rank r moves by move * (r + 1) during the round
-        with torch.no_grad():
-            model.weight.add_(move * (rank + 1))
-        model.weight.grad = torch.zeros_like(model.weight)
-        opt.step(0.0)
-        mean = theta + move * sum(r + 1 for r in range(size)) / size
-        delta = theta - mean
-        m = delta if m is None else 0.9 * m + delta
-        theta = theta - 0.7 * (delta + 0.9 * m)
-        assert torch.allclose(model.weight, torch.full((1, 3), theta), atol=1e-6), (model.weight, theta)
-    state = opt.outer_optimizer.state_dict()["state"][0]["momentum_buffer"]
-    assert torch.allclose(state, torch.full((3,), m, dtype=state.dtype), atol=1e-6)
+    for nesterov in (True, False):
+        model = scalar_model(1.0)
+        opt = hl.DiLoCo(torch.optim.SGD(model.parameters(), lr=0.0), model, period=1, outer_lr=0.7,
+                        outer_momentum=0.9, nesterov=nesterov)
+        theta, m = 1.0, None
+        for move in (0.1, -0.2):  # rank r moves by move * (r + 1) during the round
+            with torch.no_grad():
+                model.weight.add_(move * (rank + 1))
+            model.weight.grad = torch.zeros_like(model.weight)
+            opt.step(0.0)
+            mean = theta + move * sum(r + 1 for r in range(size)) / size
+            delta = theta - mean
+            m = delta if m is None else 0.9 * m + delta
+            theta = theta - 0.7 * ((delta + 0.9 * m) if nesterov else m)
+            assert torch.allclose(model.weight, torch.full((1, 3), theta), atol=1e-6), (nesterov, model.weight, theta)
+        state = opt.outer_optimizer.state_dict()["state"][0]["momentum_buffer"]
+        assert torch.allclose(state, torch.full((3,), m, dtype=state.dtype), atol=1e-6)
+        opt.close()
 
 with check("diloco_state_dict_resumes"):
     def make(seed_model=None):

@@ -1,7 +1,8 @@
 """Unhealthy workers never enter an average; when every worker diverges, every rank stops (4 ranks).
 
 * batchnorm_nan_*: a model with BatchNorm, one NaN sample on rank 1 at one step, under LSGD
-  (one and two groups), GRAWA, EASGD and LocalSGD, synchronous and asynchronous where offered:
+  (one and two groups), GRAWA, EASGD, LocalSGD and DiLoCo, and compressed LSGD, GRAWA and
+  LocalSGD, synchronous and asynchronous where offered:
   afterwards every rank's parameters and floating buffers are finite.
 * all_diverged_*: every rank's parameters NaN at the same step, under every wrapper: every
   rank raises ``AllWorkersDiverged`` naming the step; DataParallel raises it for a non-finite
@@ -30,7 +31,13 @@ WRAPPERS = {
     "grawa": (4, lambda o, m, a: hl.GRAWA(o, m, period=2, pull=0.5, asynchronous=a)),
     "easgd": (4, lambda o, m, a: hl.EASGD(o, m, period=2, beta=0.9, asynchronous=a)),
     "localsgd": (4, lambda o, m, a: hl.LocalSGD(o, m, period=2)),
+    "diloco": (4, lambda o, m, a: hl.DiLoCo(o, m, period=2)),
+    # compressed rounds carry the health flags in an all-gather, and GRAWA's norms with them
+    "lsgd2_int8": (2, lambda o, m, a: hl.LSGD(o, m, period=2, global_period=4, asynchronous=a, compression="int8")),
+    "grawa_int8": (4, lambda o, m, a: hl.GRAWA(o, m, period=2, pull=0.5, asynchronous=a, compression="int8")),
+    "localsgd_bf16": (4, lambda o, m, a: hl.LocalSGD(o, m, period=2, compression="bf16")),
 }
+SYNCHRONOUS_ONLY = {"localsgd", "diloco", "localsgd_bf16"}
 
 
 def bn_model():
@@ -44,7 +51,7 @@ def finite_state(model) -> bool:
 
 
 for name, (group_size, make) in WRAPPERS.items():
-    for asynchronous in ((False, True) if name != "localsgd" else (False,)):
+    for asynchronous in ((False,) if name in SYNCHRONOUS_ONLY else (False, True)):
         label = f"batchnorm_nan_{name}_{'async' if asynchronous else 'sync'}"
         with check(label):
             hl.init(group_size=group_size)
@@ -104,7 +111,7 @@ def diverge_everywhere(label: str, opt, model, at_step: int, asynchronous: bool 
 
 
 for name, (group_size, make) in WRAPPERS.items():
-    for asynchronous in ((False, True) if name != "localsgd" else (False,)):
+    for asynchronous in ((False,) if name in SYNCHRONOUS_ONLY else (False, True)):
         label = f"all_diverged_{name}_{'async' if asynchronous else 'sync'}"
         with check(label):
             hl.init(group_size=group_size)

@@ -1,7 +1,8 @@
 """A user's training loop on 4 ranks: uneven step counts, DataParallel's habits.
 
 * uneven_*: ranks take 40, 40, 40 and 30 steps (synchronous), then close: every rank
-  finishes, under LSGD (one and two groups), GRAWA, EASGD, LocalSGD and DataParallel. Under
+  finishes, under LSGD (one and two groups), GRAWA, EASGD, LocalSGD, DataParallel, DiLoCo,
+  and compressed LSGD, GRAWA, EASGD and LocalSGD. Under
   LocalSGD the final parameters equal the average over the ranks still stepping at the last
   round (computed here directly).
 * dp_clip_skip_synchronize: synchronize, clip the averaged gradient, step inside
@@ -34,6 +35,12 @@ MAKERS = {
     "easgd": (4, lambda o, m: hl.EASGD(o, m, period=4)),
     "localsgd": (4, lambda o, m: hl.LocalSGD(o, m, period=4)),
     "dp": (4, lambda o, m: hl.DataParallel(o, m)),
+    "diloco": (4, lambda o, m: hl.DiLoCo(o, m, period=4)),
+    # compressed rounds post other collectives (all-gathers, payload broadcasts): closed ranks must match them
+    "lsgd2_int8": (2, lambda o, m: hl.LSGD(o, m, period=2, global_period=4, compression="int8")),
+    "grawa_bf16": (4, lambda o, m: hl.GRAWA(o, m, period=4, compression="bf16")),
+    "easgd_int8": (4, lambda o, m: hl.EASGD(o, m, period=4, compression="int8")),
+    "localsgd_int8": (4, lambda o, m: hl.LocalSGD(o, m, period=4, compression="int8")),
 }
 
 
