@@ -231,6 +231,18 @@ def target_lines(cells: Dict, shape: str) -> List[str]:
     return lines
 
 
+def versus(name: str, row: Dict, other_name: str, other: Dict) -> str:
+    """One method against another: accuracy at the budget, time to target, link bytes."""
+    def link(r):
+        return mean_sd(r["link_sent_per_step"], 1 / r["payload"], ".4f")
+
+    return (f"{name} against {other_name}: accuracy at the budget {mean_sd(row['accuracy_at_budget'], 100)}% "
+            f"against {mean_sd(other['accuracy_at_budget'], 100)}%, time to target "
+            f"{mean_sd(row['time_to_target'], spec='.1f')} s ({row['reached']}/{row['runs']}) against "
+            f"{mean_sd(other['time_to_target'], spec='.1f')} s ({other['reached']}/{other['runs']}), "
+            f"link bytes per step (all nodes sent) {link(row)} P against {link(other)} P")
+
+
 def compression_lines(cells: Dict, shape: str) -> List[str]:
     """Compressed exchanges against uncompressed ones, and DiLoCo against LSGD, where run."""
     lines = []
@@ -263,23 +275,10 @@ def compression_lines(cells: Dict, shape: str) -> List[str]:
                         line += f" (target at 100mbit: at least 1.5x): **{'met' if met else 'not met'}**"
                 lines.append(line + ".")
         if "lsgd-int8" in m and "lsgd-tauG64" in m:
-            int8, sparse = m["lsgd-int8"], m["lsgd-tauG64"]
-            lines.append(f"- {rate}: at about equal link bytes, {NAMES['lsgd-int8']} (tau_G=16) sent "
-                         f"{mean_sd(int8['link_sent_per_step'], 1 / int8['payload'], '.4f')} P per step across the links "
-                         f"and {NAMES['lsgd-tauG64']} uncompressed {mean_sd(sparse['link_sent_per_step'], 1 / sparse['payload'], '.4f')} P; "
-                         f"accuracy at the budget {mean_sd(int8['accuracy_at_budget'], 100)}% against "
-                         f"{mean_sd(sparse['accuracy_at_budget'], 100)}%, time to target "
-                         f"{mean_sd(int8['time_to_target'], spec='.1f')} s ({int8['reached']}/{int8['runs']}) against "
-                         f"{mean_sd(sparse['time_to_target'], spec='.1f')} s ({sparse['reached']}/{sparse['runs']}).")
+            lines.append(f"- {rate}: at about equal link bytes, "
+                         + versus("lsgd-int8", m["lsgd-int8"], "lsgd-tauG64 (uncompressed)", m["lsgd-tauG64"]) + ".")
         if "diloco" in m and "lsgd" in m:
-            diloco, lsgd = m["diloco"], m["lsgd"]
-            lines.append(f"- {rate}: DiLoCo reaches the target in {mean_sd(diloco['time_to_target'], spec='.1f')} s "
-                         f"({diloco['reached']}/{diloco['runs']}), LSGD in "
-                         f"{mean_sd(lsgd['time_to_target'], spec='.1f')} s ({lsgd['reached']}/{lsgd['runs']}); "
-                         f"accuracy at the budget {mean_sd(diloco['accuracy_at_budget'], 100)}% against "
-                         f"{mean_sd(lsgd['accuracy_at_budget'], 100)}%; link bytes per step "
-                         f"{mean_sd(diloco['link_sent_per_step'], 1 / diloco['payload'], '.4f')} P against "
-                         f"{mean_sd(lsgd['link_sent_per_step'], 1 / lsgd['payload'], '.4f')} P.")
+            lines.append(f"- {rate}: " + versus("diloco", m["diloco"], "lsgd", m["lsgd"]) + ".")
     return lines
 
 
