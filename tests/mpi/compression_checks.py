@@ -6,6 +6,8 @@
 * compression_bytes: bf16 halves and int8 quarters LSGD's broadcast bytes (plus the scales).
 * compression_copy_precision: the received copy equals the leader's parameters to the
   format's precision.
+* compression_error_scales_with_the_move: after the first copy, a copy's rounding is bounded
+  by how far the leader moved since the last copy, not by the size of the weights.
 * compression_every_wrapper: LSGD (one and two groups, sync and async), GRAWA (M and L),
   EASGD, LocalSGD and DiLoCo run with bf16 and int8; what each round produces matches the
   same round computed uncompressed to the format's precision.
@@ -115,6 +117,37 @@ with check("compression_copy_precision"):
         err = float((copy_ - leader).abs().max())
         value(f"copy_error_{kind}", f"{err:.3e} bound {bound:.3e}")
         assert err <= bound and err > 0, (kind, err, bound)
+
+
+with check("compression_error_scales_with_the_move"):
+    # Weights near 10, moves near 0.01 a step: after the first copy, each copy travels as its
+    # difference from the last one, so its rounding is bounded by the move, not by the weights.
+    for kind in ("bf16", "int8"):
+        torch.manual_seed(0)
+        model = nn.Linear(300, 10)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(10.0)
+        opt = hl.LSGD(torch.optim.SGD(model.parameters(), lr=0.01), model, period=1, global_period=1,
+                      global_pull=0.0, compression=kind)
+        gen = torch.Generator().manual_seed(rank)
+        previous = None
+        for step in range(4):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            leader = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            hvd.broadcast_(leader, root_rank=0, name=f"test.move.{kind}.{step}")  # rank 0 leads: lowest score
+            opt.step(float(rank))
+            received = next(iter(opt._copies["global"].values())).clone()
+            if previous is not None:
+                bound = compression.max_error(kind, leader - previous)
+                err = float((received - leader).abs().max())
+                assert bound < compression.max_error(kind, leader) / 10, (kind, bound)  # the move is small
+                assert err <= bound + 1e-5, (kind, step, err, bound)  # + float32 rounding of values near 10
+                value(f"move_error_{kind}_step{step}", f"{err:.2e} bound {bound:.2e} "
+                                                       f"(whole weights: {compression.max_error(kind, leader):.2e})")
+            previous = received
+        opt.close()
 
 
 def average_round(kind, make, group_size=4):
