@@ -62,5 +62,7 @@ class LocalSGD(DistributedWrapper):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._load_base_state(state)
-        saved = state.get("last_average") or []
-        self._last_average = {key: mean.clone() for key, mean in zip(self.params, saved)}
+        self._last_average = {}
+        for (key, flat), mean in zip(self.params.items(), state.get("last_average") or []):
+            # on the parameters' device, whatever map_location the checkpoint was loaded with
+            self._last_average[key] = flat.like().copy_(mean)
