@@ -19,6 +19,21 @@ def payload_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+#: the dtypes Horovod's collectives take; a broadcast of any other (bool, uint16, ...) sends the raw bytes
+HOROVOD_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
+                  torch.float64)
+
+
+def as_sendable(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a uint8 view of its bytes when Horovod refuses its dtype (bool masks,
+    say). A broadcast into the view fills the tensor itself."""
+    if tensor.dtype in HOROVOD_DTYPES or (tensor.dtype == torch.bfloat16 and tensor.device.type == "cuda"):
+        return tensor
+    if tensor.is_floating_point() or not tensor.is_contiguous():
+        raise ValueError(f"cannot send a {tensor.dtype} tensor{'' if tensor.is_contiguous() else ' that is not contiguous'}")
+    return tensor.reshape(-1).view(torch.uint8)
+
+
 class MPIGroup:
     """A group's collectives over an mpi4py communicator instead of a Horovod process set.
 
@@ -108,6 +123,10 @@ class Collectives:
         """Gather a small picklable object from every rank (used for signatures and checks)."""
         return self._hvd.allgather_object(obj, name=self._tag(name))
 
+    def broadcast_object(self, obj: Any, root_rank: int, name: str) -> Any:
+        """``root_rank``'s picklable object, on every rank."""
+        return self._hvd.broadcast_object(obj, root_rank=root_rank, name=self._tag(name))
+
     # The collectives are posted non-blocking and return a Horovod handle; ``wait(handle)``
     # returns the result (at once when ``hvd.poll(handle)`` is true). Synchronous wrappers
     # wait at once, asynchronous ones poll (see ``async_schedule.RefreshDriver``).
@@ -117,6 +136,8 @@ class Collectives:
                                          process_set=process_set or self._hvd.global_process_set)
 
     def broadcast_async_(self, tensor: torch.Tensor, root_rank: int, name: str, process_set: Optional[Any] = None):
+        """Non-blocking in-place broadcast; a dtype Horovod refuses (bool) travels as its bytes."""
+        tensor = as_sendable(tensor)
         self.bytes += payload_bytes(tensor)
         if isinstance(process_set, MPIGroup):
             if tensor.device.type != "cpu" or not tensor.is_contiguous():

@@ -15,6 +15,16 @@ import torch
 
 Key = Tuple[torch.dtype, torch.device]
 
+#: dtypes whose sums and averages are accumulated in float32 (and cast back once at the end)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which averages, weighted sums and centres of ``dtype`` values are kept:
+    float32 for float16 and bfloat16 (whose sums overflow or lose most of their bits), the
+    dtype itself otherwise."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
 
 class FlatBuffer:
     """One contiguous buffer holding several tensors of one dtype and device as views."""
@@ -41,11 +51,16 @@ class FlatBuffer:
         """Split a flat buffer of this layout into views shaped like the tensors."""
         return [flat[o:o + n].view_as(t) for o, n, t in zip(self.offsets, self.numels, self.tensors)]
 
-    def like(self, fill: Optional[float] = None) -> torch.Tensor:
-        """A new flat buffer of the same size, dtype and device."""
+    def like(self, fill: Optional[float] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A new flat buffer of the same size and device, of this dtype (or ``dtype``)."""
         if fill is None:
-            return torch.empty_like(self.flat)
-        return torch.full_like(self.flat, fill)
+            return torch.empty_like(self.flat, dtype=dtype)
+        return torch.full_like(self.flat, fill, dtype=dtype)
+
+    def accumulator(self) -> torch.Tensor:
+        """A new flat buffer for sums and centres of this buffer: same size and device, in
+        ``accumulation_dtype`` (float32 for half precision)."""
+        return self.like(dtype=accumulation_dtype(self.dtype))
 
     def gather_grads(self, out: torch.Tensor) -> bool:
         """Copy every tensor's ``.grad`` into ``out`` (flat). Returns False if any grad is None."""

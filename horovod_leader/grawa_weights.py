@@ -30,9 +30,18 @@ MIN_NORM = 1e-12
 
 
 def norms_of(grads: Sequence[Optional[torch.Tensor]], layerwise: bool) -> torch.Tensor:
-    """Per-tensor L2 norms of ``grads`` (0 for None), or their joint L2 norm, in float64."""
-    norms = torch.stack([g.detach().double().norm().cpu() if g is not None else torch.zeros((), dtype=torch.float64)
-                         for g in grads]) if grads else torch.zeros(0, dtype=torch.float64)
+    """Per-tensor L2 norms of ``grads`` (0 for None), or their joint L2 norm, in float64
+    whatever the gradients' dtype. A sparse gradient is coalesced first (its repeated indices
+    summed), so its norm is that of the dense gradient it stands for."""
+    def norm(g):
+        if g is None:
+            return torch.zeros((), dtype=torch.float64)
+        g = g.detach()
+        if g.is_sparse:
+            g = g.coalesce().values()
+        return g.double().norm().cpu()
+
+    norms = torch.stack([norm(g) for g in grads]) if grads else torch.zeros(0, dtype=torch.float64)
     if layerwise:
         return norms
     return norms.pow(2).sum().sqrt().reshape(1)

@@ -179,6 +179,9 @@ class Topology:
             a single group).
         comm: mpi4py communicator of this rank's group; ``None`` when the ranks were not
             started by MPI (Horovod in Gloo mode), where only Horovod's collectives exist.
+        world_comm: the mpi4py communicator Horovod runs on (``init(comm=...)``; by default
+            ``MPI.COMM_WORLD``); ``None`` in Gloo mode. What needs MPI beyond Horovod (the
+            asynchronous step counter, the one-sided EASGD's windows) runs on it.
     """
 
     rank: int
@@ -188,6 +191,7 @@ class Topology:
     process_set: Any = field(default=None, repr=False)
     comm: Any = field(default=None, repr=False)
     process_sets: List[Any] = field(default_factory=list, repr=False)
+    world_comm: Any = field(default=None, repr=False)
 
     @property
     def num_groups(self) -> int:
@@ -299,16 +303,16 @@ def init(group_size: Optional[int] = None, comm=None) -> Topology:
     if hvd.is_initialized() and not _registry.get("initialised_here"):
         # The program called hvd.init() itself: re-initialising could finalise the MPI that
         # Horovod started, so keep its initialisation and attach the groups to it.
-        return _attach(groups, group_comm)
+        return _attach(groups, group_comm, comm)
     if hvd.is_initialized():
         hvd.shutdown()
     process_sets = _process_sets(groups, comm.Get_size())
     hvd.init(comm=comm, process_sets=process_sets)
     _registry["initialised_here"] = True
-    return _register(groups, process_sets, group_comm)
+    return _register(groups, process_sets, group_comm, comm)
 
 
-def _attach(groups: List[List[int]], group_comm) -> Topology:
+def _attach(groups: List[List[int]], group_comm, world_comm) -> Topology:
     """Groups for a Horovod that the program initialised itself (``hvd.init()``), under MPI.
 
     With dynamic process sets (``hvd.init(process_sets="dynamic")`` or
@@ -322,7 +326,7 @@ def _attach(groups: List[List[int]], group_comm) -> Topology:
     from horovod_leader.comm import MPIGroup
 
     if len(groups) == 1:
-        return _register(groups, [], group_comm)
+        return _register(groups, [], group_comm, world_comm)
     if os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") == "1":
         added = _registry.setdefault("dynamic_sets", {})
         process_sets = []
@@ -331,10 +335,10 @@ def _attach(groups: List[List[int]], group_comm) -> Topology:
             if process_set is None or not _still_registered(process_set):
                 process_set = added[tuple(ranks)] = hvd.add_process_set(ranks)
             process_sets.append(process_set)
-        return _register(groups, process_sets, group_comm)
+        return _register(groups, process_sets, group_comm, world_comm)
     rank = hvd.rank()
     process_sets = [MPIGroup(group_comm if rank in ranks else None, ranks) for ranks in groups]
-    return _register(groups, process_sets, group_comm)
+    return _register(groups, process_sets, group_comm, world_comm)
 
 
 def _init_gloo(group_size: Optional[int]) -> Topology:
@@ -372,14 +376,14 @@ def _process_sets(groups: List[List[int]], size: int) -> list:
     return [hvd.ProcessSet(ranks) for ranks in groups if len(ranks) < size]
 
 
-def _register(groups: List[List[int]], process_sets: list, group_comm) -> Topology:
+def _register(groups: List[List[int]], process_sets: list, group_comm, world_comm=None) -> Topology:
     import horovod.torch as hvd
 
     rank = hvd.rank()
     group = next(index for index, ranks in enumerate(groups) if rank in ranks)
     all_sets = [hvd.global_process_set] if len(groups) == 1 else process_sets
     topology = Topology(rank=rank, size=hvd.size(), groups=groups, group=group,
-                        process_set=all_sets[group], comm=group_comm, process_sets=all_sets)
+                        process_set=all_sets[group], comm=group_comm, process_sets=all_sets, world_comm=world_comm)
     _registry["current"] = topology
     return topology
 
@@ -396,7 +400,7 @@ def current() -> Topology:
         if launched_by_mpi():  # hvd.init() alone: one group, or HOROVOD_LEADER_GROUP_SIZE's blocks
             from mpi4py import MPI
             group_comm, groups = split_groups(MPI.COMM_WORLD, resolve_group_size(None, hvd.size()) or hvd.size())
-            return _attach(groups, group_comm)
+            return _attach(groups, group_comm, MPI.COMM_WORLD)
         topology = Topology(rank=hvd.rank(), size=hvd.size(), groups=[list(range(hvd.size()))], group=0,
                             process_set=hvd.global_process_set, comm=None,
                             process_sets=[hvd.global_process_set])

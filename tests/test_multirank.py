@@ -147,3 +147,23 @@ def test_hvd_init_first():
     for mode in ("then_init", "alone"):
         result = run_mpi("hvd_first_checks.py", mode, timeout=180, env={"HOROVOD_LEADER_GROUP_SIZE": "2"})
         expect_passes(result, [f"hvd_first_{mode}"])
+
+
+def test_eight_kinds_of_input_under_every_wrapper():
+    """Non-floating tensors, -inf masks, float16 models, models changed after wrapping, sparse
+    gradients, broadcasting a fresh optimizer's state, checkpoints from another world, and
+    ranks that disagree on the settings (tests/mpi/input_kinds_checks.py)."""
+    wrappers = ["lsgd1", "lsgd2", "lsgd2_async", "lsgd2_int8", "mgrawa", "lgrawa", "mgrawa_async", "mgrawa_bf16",
+                "easgd", "easgd_async", "easgd_onesided", "localsgd", "localsgd_int8", "diloco", "dp"]
+    checks = [f"{kind}_{w}" for kind in ("nonfloat", "inf_mask", "changed", "changed_model", "sparse",
+                                         "broadcast_state_fresh") for w in wrappers]
+    checks += ["inf_mask_world_of_one"] + [f"inf_mask_became_nan_{w}" for w in ("localsgd", "mgrawa", "lsgd1")]
+    checks += [f"half_{w}" for w in ("mgrawa", "lgrawa", "localsgd", "easgd", "diloco")] + ["half_lsgd_trains"]
+    checks += ["changed_requires_grad_dp", "changed_requires_grad_followed_lsgd"]
+    checks += ["sparse_dp_equals_dense", "sparse_dp_nan_values", "broadcast_state_from_root"]
+    checks += [f"world_other_groups_{w}" for w in ("lsgd2_async", "lsgd2")]
+    checks += [f"world_two_ranks_{w}" for w in ("lsgd2_async", "lsgd2", "easgd_onesided")]
+    checks += [f"world_two_ranks_resumes_{w}" for w in ("localsgd", "mgrawa", "diloco", "easgd")]
+    checks += [f"disagree_{w}" for w in wrappers if w not in ("lgrawa", "mgrawa_bf16")]
+    result = run_mpi("input_kinds_checks.py", timeout=300)
+    expect_passes(result, checks)

@@ -130,3 +130,31 @@ def test_compression_round_trip_and_non_finite_blocks(kind):
         decoded = compression.decode(kind, compression.encode(kind, broken), broken.numel())
         assert not torch.isfinite(decoded[700])
         assert torch.isfinite(decoded[:512]).all()  # other blocks are untouched
+
+
+def test_non_finite_at_start_is_not_divergence_but_a_change_is():
+    from horovod_leader.health import NonFiniteAtStart
+
+    mask = torch.tensor([0.0, -math.inf, 0.0, math.inf, math.nan])
+    known = NonFiniteAtStart([("mask", mask.clone()), ("stats", torch.zeros(3))])
+    assert list(known.positions) == ["mask"]  # all-finite tensors cost nothing
+    assert known.finite("mask", mask.clone())
+    for position, bad in ((0, math.nan), (1, math.nan), (1, math.inf), (2, -math.inf)):
+        changed = mask.clone()
+        changed[position] = bad
+        assert not known.finite("mask", changed), (position, bad)
+    assert not known.finite("stats", torch.tensor([0.0, math.nan, 0.0]))
+    # a -inf pulled toward a leader's -inf stays -inf; a finite position is pulled as usual
+    x, leader = torch.tensor([1.0, -math.inf, 0.0, math.inf, math.nan]), mask.clone()
+    known.pull_keeping_constants_("mask", x, None, leader, 0.0, 0.5)
+    assert x[1] == -math.inf and x[3] == math.inf and math.isnan(x[4]) and x[0] == 0.5
+
+
+def test_grawa_norm_of_a_sparse_gradient_is_the_dense_one():
+    from horovod_leader.grawa_weights import norms_of
+
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 1, 2, 1])).pow(2).sum().backward()  # repeated indices: an uncoalesced gradient
+    dense = emb.weight.grad.to_dense()
+    assert torch.allclose(norms_of([emb.weight.grad], layerwise=True), dense.double().norm().reshape(1))
+    assert torch.allclose(norms_of([emb.weight.grad, None], layerwise=False), dense.double().norm().reshape(1))

@@ -23,14 +23,16 @@ def post_weighted_sum(comm: Collectives, flats: Dict, out: Dict, weights: Option
     """Post ``out[key] = sum_i w_i * x_i`` over workers for every packed buffer; return handles.
 
     ``weights`` holds one weight, or one per tensor in packing order (None: weight 1).
-    ``out`` must not be read until the handles are done.
+    ``out`` must not be read until the handles are done. The sums are taken in
+    ``flat.accumulation_dtype`` (float32 for half-precision models, whose weighted values
+    would overflow), so ``out`` holds float32 for them.
     """
     handles = []
     offset = 0
     for key, flat in flats.items():
         buf = out.get(key)
         if buf is None:
-            buf = out[key] = flat.like()
+            buf = out[key] = flat.accumulator()
         count = len(flat.tensors)
         with torch.no_grad():
             if not contribute:
@@ -38,10 +40,10 @@ def post_weighted_sum(comm: Collectives, flats: Dict, out: Dict, weights: Option
             elif weights is None:
                 buf.copy_(flat.flat)
             elif weights.numel() == 1:
-                torch.mul(flat.flat, float(weights), out=buf)
+                buf.copy_(flat.flat).mul_(float(weights))
             else:
                 for src, dst, w in zip(flat.views(flat.flat), flat.views(buf), weights[offset:offset + count].tolist()):
-                    torch.mul(src, w, out=dst)
+                    dst.copy_(src).mul_(w)
         offset += count
         handles.append(comm.allreduce_async_(buf, name=f"{name}.{key_name(key)}"))
     return handles
@@ -77,7 +79,7 @@ class CompressedGather:
             position += parts
             buf = out.get(key)
             if buf is None:
-                buf = out[key] = flat.like()
+                buf = out[key] = flat.accumulator()
             total = torch.zeros(flat.numel, dtype=torch.float32, device=flat.flat.device)
             ref = refs.get(key)
             columns = len(flat.tensors)
@@ -95,21 +97,51 @@ class CompressedGather:
             column += columns
 
 
+class CopyFromRoot:
+    """Rank ``root``'s values of some packed buffers, for every rank: how the averaging
+    methods treat buffers that are not floating point (bool masks, integer counters), which
+    are never averaged. The values travel through a buffer of their own and are copied in by
+    ``finish``, so a worker that keeps stepping meanwhile (asynchronous rounds) is not written
+    to in the middle of a step."""
+
+    def __init__(self, root: int = 0):
+        self.root = root
+        self.incoming: Dict = {}
+
+    def post(self, comm: Collectives, flats: Dict, name: str) -> List:
+        handles = []
+        for key, flat in flats.items():
+            buf = self.incoming.get(key)
+            if buf is None:
+                buf = self.incoming[key] = flat.like()
+            if comm.rank == self.root:
+                buf.copy_(flat.flat)
+            handles.append(comm.broadcast_async_(buf, self.root, name=f"{name}.{key_name(key)}"))
+        return handles
+
+    def finish(self, flats: Dict) -> None:
+        for key, flat in flats.items():
+            flat.flat.copy_(self.incoming[key])
+
+
 class MeanRound:
     """The mean over the healthy workers of the parameters and floating buffers (LocalSGD,
     EASGD, DiLoCo): one all-reduce of a count of healthy workers and one of the sums, posted
     together. With ``compression``, the parameters travel as compressed differences from
-    ``refs`` (a reference every rank holds alike) in an all-gather, with the health flags."""
+    ``refs`` (a reference every rank holds alike) in an all-gather, with the health flags.
+    Buffers that are not floating point (``others``) are copied from rank 0 (``CopyFromRoot``)."""
 
     def __init__(self, compression_kind: Optional[str] = None):
         self.count = torch.zeros(1, dtype=torch.float64)
         self.params: Dict = {}
         self.buffers: Dict = {}
+        self.others = CopyFromRoot(0)
         self._gather = CompressedGather(compression_kind) if compression_kind else None
         self._flats: Dict = {}
         self._refs: Dict = {}
 
-    def post(self, comm: Collectives, params: Dict, buffers: Dict, healthy: bool, refs: Optional[Dict] = None) -> List:
+    def post(self, comm: Collectives, params: Dict, buffers: Dict, healthy: bool, refs: Optional[Dict] = None,
+             others: Optional[Dict] = None) -> List:
         self.count.fill_(1.0 if healthy else 0.0)
         if self._gather is None:
             handles = [comm.allreduce_async_(self.count, name="healthy")]
@@ -119,6 +151,7 @@ class MeanRound:
             handles = [comm.allgather_async(self.count.reshape(1, 1), name="healthy")]
             handles += self._gather.post(comm, params, self._refs, healthy, "sum")
         handles += post_weighted_sum(comm, buffers, self.buffers, None, healthy, "buffers")
+        handles += self.others.post(comm, others or {}, "others")
         return handles
 
     def finish(self, results: Optional[List] = None) -> int:
@@ -144,12 +177,17 @@ class MeanRound:
 
 
 def pull_toward_(flat: FlatBuffer, centre: torch.Tensor, pull: float) -> None:
-    """``x <- x - pull (x - centre)``; pull 1 copies, so "replace by the centre" is exact."""
+    """``x <- x - pull (x - centre)``; pull 1 copies, so "replace by the centre" is exact. A
+    centre kept in float32 for a half-precision model is pulled toward in float32 and the
+    result rounded once."""
     from horovod_leader import fused
 
     with torch.no_grad():
         if pull == 1.0:
             flat.flat.copy_(centre)
+        elif pull != 0.0 and centre.dtype != flat.flat.dtype:
+            x = flat.flat.to(centre.dtype)
+            flat.flat.copy_(x.sub_(x - centre, alpha=pull))
         elif pull != 0.0:
             fused.leader_pull_(flat.flat, None, centre, global_pull=pull)
 

@@ -18,9 +18,26 @@ from horovod_leader import abort
 from horovod_leader.comm import Collectives
 from horovod_leader.errors import AllWorkersDiverged
 from horovod_leader.flat import FlatBuffer, key_name, pack
+from horovod_leader.health import NonFiniteAtStart
 from horovod_leader.topology import Topology
 
 log = logging.getLogger("horovod_leader")
+
+# How many parameters and submodules any module has registered since the first wrapper was
+# built (global registration hooks): a wrapper walks its model only when this moved.
+_registrations = [0]
+
+
+def _watch_registrations() -> None:
+    if getattr(_watch_registrations, "installed", False):
+        return
+
+    def count(*_args):
+        _registrations[0] += 1
+
+    torch.nn.modules.module.register_module_parameter_registration_hook(count)
+    torch.nn.modules.module.register_module_module_registration_hook(count)
+    _watch_registrations.installed = True
 
 
 def model_signature(model: torch.nn.Module) -> str:
@@ -76,15 +93,28 @@ class DistributedWrapper:
                 raise ValueError(f"model: {what!r} is bfloat16 on {tensor.device}, which Horovod cannot send "
                                  "(it refuses bfloat16 tensors on the CPU); keep the master weights in float32 "
                                  "(torch.autocast for bfloat16 compute) or move the model to a GPU")
+            if tensor.is_complex():
+                raise ValueError(f"model: {what!r} is {tensor.dtype}; the wrappers average and pull real floating "
+                                 "tensors only: store it as a real tensor of twice the size (torch.view_as_real)")
         abort.install_excepthook()  # one rank's uncaught exception ends the job, not just that rank
+        _watch_registrations()
         # Everything above is local; from here on ranks communicate.
         self.comm = Collectives(self.name)
-        self._check_same_model()
-        self.params: Dict[Any, FlatBuffer] = pack(model.parameters())
+        self._check_agreement()
+        # Only floating parameters take part in the method. The others (int8 quantised weights,
+        # say) cannot require gradients, so they are frozen: every wrapper leaves them alone.
+        self.params: Dict[Any, FlatBuffer] = pack(p for p in model.parameters() if p.is_floating_point())
         float_buffers = [b for b in model.buffers() if b.is_floating_point()] if broadcast_buffers else []
         other_buffers = [b for b in model.buffers() if not b.is_floating_point()] if broadcast_buffers else []
         self.float_buffers: Dict[Any, FlatBuffer] = pack(float_buffers)
+        # Buffers that are not floating point (bool masks, integer counters) are never cast,
+        # averaged or pulled: they are copied from the source of the round (see the subclasses).
         self.other_buffers: Dict[Any, FlatBuffer] = pack(other_buffers)
+        # Non-finite values a buffer held from the start (an additive -inf mask) are not divergence.
+        self._constants = NonFiniteAtStart(("fbuf." + key_name(k), f.flat) for k, f in self.float_buffers.items())
+        self._registrations_seen = _registrations[0]
+        self._model_param_ids = tuple(id(p) for p in model.parameters())
+        self._group_sizes = self._optimizer_layout()
 
     # ------------------------------------------------------------------ topology and checks
     @property
@@ -102,14 +132,56 @@ class DistributedWrapper:
     def size(self) -> int:
         return self.comm.size
 
-    def _check_same_model(self) -> None:
-        """Every rank must wrap the same architecture; compare digests with one all-gather."""
-        mine = model_signature(self.model)
+    def _settings(self) -> Dict[str, Any]:
+        """The constructor's settings that every rank must give alike (compared at
+        construction by ``_check_agreement``); subclasses add theirs."""
+        return {"wrapper": type(self).__name__, "broadcast_buffers": self.broadcast_buffers}
+
+    def _check_agreement(self) -> None:
+        """Every rank must wrap the same architecture with the same settings: one all-gather of
+        the model's digest and ``_settings()``; every rank raises alike, naming what differs."""
+        mine = {"model": model_signature(self.model), **self._settings()}
         everyone = self.comm.allgather_object(mine, name="model_signature")
-        odd = [rank for rank, sig in enumerate(everyone) if sig != everyone[0]]
-        if odd:
-            raise ValueError(f"model differs across ranks: ranks {odd} have parameters or buffers whose names, shapes "
-                             f"or dtypes differ from rank 0's (signatures {sorted(set(everyone))})")
+        problems = []
+        for key in mine:
+            values = [theirs.get(key) for theirs in everyone]
+            if all(v == values[0] for v in values):
+                continue
+            by_value: Dict[str, List[int]] = {}
+            for rank, v in enumerate(values):
+                by_value.setdefault(repr(v), []).append(rank)
+            seen = "; ".join(f"ranks {ranks} have {v}" for v, ranks in by_value.items())
+            if key == "model":
+                odd = [rank for rank, v in enumerate(values) if v != values[0]]
+                problems.append(f"model differs across ranks: ranks {odd} have parameters or buffers whose names, "
+                                f"shapes or dtypes differ from rank 0's (signatures {sorted(set(values))})")
+            else:
+                problems.append(f"{key} differs across ranks: {seen}")
+        if problems:
+            raise ValueError("; ".join(problems) + f" ({type(self).__name__}: every rank must build the wrapper alike)")
+
+    def _optimizer_layout(self):
+        return tuple(len(group["params"]) for group in self.optimizer.param_groups)
+
+    def _check_unchanged(self) -> None:
+        """Stop, naming the change, when the optimizer's groups or the model's parameters differ
+        from what the wrapper was built with: the wrapper exchanges (and, on the fused path,
+        steps) only the parameters it packed then. Costs a few lengths per step; the model is
+        walked only after some module registered a parameter or a submodule somewhere."""
+        fix = ("build the wrapper once the model and the optimizer are complete, or, to change them in the middle "
+               "of a run, save state_dict()s, build a new wrapper around the changed model and optimizer, and load "
+               "them")
+        if self._optimizer_layout() != self._group_sizes:
+            raise RuntimeError(f"{type(self).__name__}: the optimizer's param groups changed after the wrapper was "
+                               f"built (parameters per group {list(self._group_sizes)} then, "
+                               f"{list(self._optimizer_layout())} now, e.g. add_param_group); {fix}")
+        if _registrations[0] != self._registrations_seen:
+            self._registrations_seen = _registrations[0]
+            now = tuple(id(p) for p in self.model.parameters())
+            if now != self._model_param_ids:
+                raise RuntimeError(f"{type(self).__name__}: the model's parameters changed after the wrapper was "
+                                   f"built ({len(self._model_param_ids)} parameter tensors then, {len(now)} now, "
+                                   f"e.g. a layer added or replaced); {fix}")
 
     def _check_packed(self) -> None:
         for flat in list(self.params.values()) + list(self.float_buffers.values()) + list(self.other_buffers.values()):
@@ -121,9 +193,11 @@ class DistributedWrapper:
         return all(bool(torch.isfinite(flat.flat).all()) for flat in self.params.values())
 
     def _healthy(self) -> bool:
-        """Finite parameters and floating buffers: only such a worker may enter an average."""
-        return self._params_finite() and all(bool(torch.isfinite(flat.flat).all())
-                                             for flat in self.float_buffers.values())
+        """Finite parameters and floating buffers: only such a worker may enter an average.
+        A buffer's values that were non-finite from the start, and still are the same, do
+        not count (``horovod_leader.health``)."""
+        return self._params_finite() and all(self._constants.finite("fbuf." + key_name(key), flat.flat)
+                                             for key, flat in self.float_buffers.items())
 
     def _may_contribute(self) -> bool:
         """Healthy, and stepped since its last reset. A worker just reset to the centre (or a
@@ -172,17 +246,32 @@ class DistributedWrapper:
         return self.optimizer.param_groups
 
     def broadcast_optimizer_state(self, root_rank: int = 0) -> None:
-        """``hvd.broadcast_optimizer_state`` on the wrapped optimizer (the wrapper's own
-        ``state_dict`` is not an optimizer's, so pass ``opt.optimizer`` when calling Horovod)."""
-        import horovod.torch as hvd
+        """Give every rank the wrapped optimizer's state and hyperparameters of ``root_rank``.
 
-        hvd.broadcast_optimizer_state(self.optimizer, root_rank=root_rank)
+        Unlike ``hvd.broadcast_optimizer_state``, which takes a zero-gradient step to create the
+        state of a fresh optimizer (applying its weight decay to the parameters, and leaving
+        Adam's step count at 1), this sends ``optimizer.state_dict()`` itself (one
+        ``broadcast_object``) and loads it: no parameter changes, and a fresh optimizer on the
+        root leaves every rank's optimizer fresh.
+
+        Raises:
+            ValueError: on every rank, before any collective, when ``root_rank`` is not a rank.
+        """
+        from horovod_leader.validation import check_int
+
+        check_int("root_rank", root_rank, minimum=0)
+        if root_rank >= self.size:
+            raise ValueError(f"root_rank must be a rank of this job (0..{self.size - 1}), got {root_rank}")
+        state = self.comm.broadcast_object(self.optimizer.state_dict() if self.rank == root_rank else None,
+                                           root_rank, name="optimizer_state")
+        self.optimizer.load_state_dict(state)
 
     def _begin_step(self, loss):
         """What every ``step`` starts with: check the loss and the packing, count the step."""
         if loss is not None:
             loss = scalar_loss(loss)
         self._check_packed()
+        self._check_unchanged()
         self._steps += 1
         self._reset_since_step = False
         return loss
@@ -195,7 +284,8 @@ class DistributedWrapper:
 
         self.asynchronous = asynchronous
         self._driver = RefreshDriver()
-        self._schedule = (AsyncSchedule(self.size * steps_per_round, make_step_counter(), self._driver)
+        self._schedule = (AsyncSchedule(self.size * steps_per_round, make_step_counter(self.topology.world_comm),
+                                        self._driver)
                           if asynchronous else None)
 
     def _round(self, number: int):
@@ -273,9 +363,16 @@ class DistributedWrapper:
             abort.abort_job(exc_type, exc, tb)
         self.close()
 
+    #: what of the world (``"size"``, ``"groups"``) the state depends on: it names leaders' ranks,
+    #: or holds this rank's shard; a state_dict from a world that differs there is refused
+    _state_world_keys: tuple = ()
+
+    def _world(self) -> Dict[str, Any]:
+        return {"size": self.size, "groups": [list(g) for g in self.topology.groups]}
+
     def _base_state(self) -> Dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "steps": self._steps, "comm_bytes": self.comm.bytes,
-                "algorithm": type(self).__name__}
+                "algorithm": type(self).__name__, "world": self._world()}
 
     def _load_base_state(self, state: Dict[str, Any], required=()) -> None:
         """Check that ``state`` is this wrapper's kind of state dict, then restore the common part."""
@@ -290,6 +387,13 @@ class DistributedWrapper:
             hint = (" (it looks like a torch.optim optimizer's state_dict: load that with "
                     "opt.optimizer.load_state_dict)") if {"state", "param_groups"} <= set(state) else ""
             raise ValueError(f"state_dict is not from {name}.state_dict(): it lacks {missing}{hint}")
+        saved, here = state.get("world"), self._world()
+        if saved is not None and any(saved.get(key) != here[key] for key in self._state_world_keys):
+            # Every rank compares its own dict with the same world: all refuse alike, before any collective.
+            raise ValueError(f"{name}.load_state_dict: the state_dict comes from another world ({saved['size']} ranks "
+                             f"in groups {saved['groups']}) than this one ({here['size']} ranks in groups "
+                             f"{here['groups']}); its state names ranks of that world (leaders, shards), so it "
+                             f"resumes only with the same ranks and groups")
         self.optimizer.load_state_dict(state["optimizer"])
         self._steps = int(state["steps"])
         self.comm.bytes = int(state["comm_bytes"])

@@ -47,6 +47,8 @@ class DataParallel(DistributedWrapper):
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, backward_passes_per_step: int = 1,
                  topology=None, **distributed_kwargs):
         passes = check_int("backward_passes_per_step", backward_passes_per_step)
+        self.backward_passes_per_step = passes
+        self._distributed_kwargs = distributed_kwargs
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=False)
         import horovod.torch as hvd
 
@@ -58,6 +60,29 @@ class DataParallel(DistributedWrapper):
         self._skip = False
         self._grad_bytes = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"]
                                if p.requires_grad)
+        # Horovod hooked the parameters that require gradients now; a change would go unaveraged.
+        self._model_param_list = list(model.parameters())
+        self._requires_grad = self._requires_grad_now()
+
+    def _settings(self) -> Dict[str, Any]:
+        def describe(value):  # classes (Compression.fp16) by name: their repr holds no address
+            return f"{value.__module__}.{value.__qualname__}" if isinstance(value, type) else repr(value)
+
+        return {**super()._settings(), "backward_passes_per_step": self.backward_passes_per_step,
+                **{name: describe(value) for name, value in sorted(self._distributed_kwargs.items())}}
+
+    def _requires_grad_now(self):
+        return tuple(p.requires_grad for p in self._model_param_list)
+
+    def _check_unchanged(self) -> None:
+        super()._check_unchanged()
+        if self._requires_grad_now() != self._requires_grad:
+            names = [name for (name, p), was in zip(self.model.named_parameters(), self._requires_grad)
+                     if p.requires_grad != was]
+            raise RuntimeError(f"DataParallel: requires_grad changed after the wrapper was built for {names}; "
+                               "Horovod all-reduces the gradients of the parameters that required them at "
+                               "construction, so the replicas would drift apart. Set requires_grad before wrapping, "
+                               "or build a new DataParallel after changing it")
 
     def synchronize(self) -> None:
         """Wait for the gradient all-reduces: every ``.grad`` then holds the average over ranks."""
@@ -84,8 +109,8 @@ class DataParallel(DistributedWrapper):
                                "gradients have not been averaged")
         # The average is the same on every rank, so every rank decides alike: a non-finite
         # average would put NaN into every replica, with nothing sound left to recover from.
-        if not all(bool(torch.isfinite(p.grad).all()) for g in self.optimizer.param_groups for p in g["params"]
-                   if p.grad is not None):
+        if not all(bool(torch.isfinite(p.grad._values() if p.grad.is_sparse else p.grad).all())
+                   for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None):
             raise self._all_diverged("the averaged gradient is not finite")
         self.optimizer.step()
         self._synchronized = False

@@ -67,11 +67,17 @@ class DiLoCo(DistributedWrapper):
         for name, flat in self._exchanged().items():
             self.comm.wait(self.comm.broadcast_async_(flat.flat, 0, name=f"start.{name}"))
         # The outer parameters: a copy of the packed buffers, stepped by a real torch.optim.SGD.
-        self.outer: Dict[Any, torch.Tensor] = {key: flat.flat.detach().clone() for key, flat in self.params.items()}
+        # (in float32 for a half-precision model: the outer step is an average's arithmetic)
+        self.outer: Dict[Any, torch.Tensor] = {key: flat.accumulator().copy_(flat.flat)
+                                               for key, flat in self.params.items()}
         self._outer_params = [torch.nn.Parameter(t, requires_grad=False) for t in self.outer.values()]
         self.outer_optimizer = torch.optim.SGD(self._outer_params, lr=self.outer_lr, momentum=self.outer_momentum,
                                                nesterov=self.nesterov)
         self._setup_rounds(False, self.period)
+
+    def _settings(self) -> Dict[str, Any]:
+        return {**super()._settings(), "period": self.period, "outer_lr": self.outer_lr,
+                "outer_momentum": self.outer_momentum, "nesterov": self.nesterov, "compression": self.compression}
 
     def step(self, loss=None) -> None:
         """One inner step; every ``period`` steps, the outer round."""
@@ -82,9 +88,10 @@ class DiLoCo(DistributedWrapper):
         healthy = self._healthy()
         refs = {key: p.data for key, p in zip(self.outer, self._outer_params)}
         results = yield self._mean.post(self.comm, self.params, self.float_buffers,
-                                        self._may_contribute() and not joined, refs=refs)
+                                        self._may_contribute() and not joined, refs=refs, others=self.other_buffers)
         if not self._mean.finish(results):
             raise self._all_diverged(f"outer round {number}")
+        self._mean.others.finish(self.other_buffers)
         with torch.no_grad():
             for (key, outer), mean in zip(zip(self.outer, self._outer_params), self._mean.params.values()):
                 outer.grad = (outer.data - mean).to(outer.dtype)  # the pseudo-gradient

@@ -50,7 +50,8 @@ class EASGD(DistributedWrapper):
         self.beta = check_real("beta", beta, 0.0, 1.0, low_open=True)
         if alpha is not None:
             check_real("alpha", alpha, 0.0, 1.0, low_open=True)
-        check_bool("asynchronous", asynchronous)
+        self._alpha_given = None if alpha is None else float(alpha)
+        self._asynchronous_given = check_bool("asynchronous", asynchronous)
         self.compression = check_compression(compression)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
         self.alpha = self.beta / self.size if alpha is None else float(alpha)
@@ -61,6 +62,10 @@ class EASGD(DistributedWrapper):
             self.comm.wait(handle)
         self._setup_rounds(asynchronous, self.period)
 
+    def _settings(self) -> Dict[str, Any]:
+        return {**super()._settings(), "period": self.period, "beta": self.beta, "alpha": self._alpha_given,
+                "asynchronous": self._asynchronous_given, "compression": self.compression}
+
     def step(self, loss=None) -> None:
         """One step of the wrapped optimizer; every ``period`` steps, the elastic round."""
         self._step_then_round(loss)
@@ -70,9 +75,11 @@ class EASGD(DistributedWrapper):
         but keeps its replica of the centre up to date."""
         healthy = self._healthy() or joined
         results = yield self._mean.post(self.comm, self.params, self.float_buffers,
-                                        self._may_contribute() and not joined, refs=self.centre)
+                                        self._may_contribute() and not joined, refs=self.centre,
+                                        others=self.other_buffers)
         if not self._mean.finish(results):
             raise self._all_diverged(f"elastic round {number}")
+        self._mean.others.finish(self.other_buffers)
         mean = self._mean.params
         with torch.no_grad():
             for key, flat in self.params.items():

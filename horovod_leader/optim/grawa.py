@@ -7,7 +7,7 @@ import torch
 
 from horovod_leader import grawa_weights
 from horovod_leader.compression import check_compression
-from horovod_leader.optim.averaging import CompressedGather, post_weighted_sum, pull_toward_, replace_all_
+from horovod_leader.optim.averaging import CompressedGather, CopyFromRoot, post_weighted_sum, pull_toward_, replace_all_
 from horovod_leader.optim.base import DistributedWrapper
 from horovod_leader.validation import check_bool, check_fraction, check_int, check_real
 
@@ -74,7 +74,7 @@ class GRAWA(DistributedWrapper):
                              f"got {type(fresh_loss).__name__}")
         self.fresh_loss = fresh_loss
         self.compression = check_compression(compression)
-        check_bool("asynchronous", asynchronous)
+        self._asynchronous_given = check_bool("asynchronous", asynchronous)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
         self._tensors = [t for flat in self.params.values() for t in flat.tensors]  # packing order
         self._smoother = grawa_weights.NormSmoother(self.norm_decay)
@@ -83,8 +83,14 @@ class GRAWA(DistributedWrapper):
         self._buffer_sum: Dict[Any, torch.Tensor] = {}
         self._norms: Optional[torch.Tensor] = None
         self._gather = CompressedGather(self.compression) if self.compression else None
+        self._others = CopyFromRoot(0)  # buffers that are not floating point: rank 0's
         self.last_weights = None  # this worker's weights in the last round (one, or one per tensor)
         self._setup_rounds(asynchronous, self.period)
+
+    def _settings(self) -> Dict[str, Any]:
+        return {**super()._settings(), "period": self.period, "pull": self.pull, "layerwise": self.layerwise,
+                "prox": self.prox, "norm_decay": self.norm_decay, "fresh_loss": self.fresh_loss is not None,
+                "asynchronous": self._asynchronous_given, "compression": self.compression}
 
     def step(self, loss=None) -> None:
         """One step of the wrapped optimizer; then an averaging round when one is due."""
@@ -133,12 +139,14 @@ class GRAWA(DistributedWrapper):
             handles = [self.comm.allgather_async(terms.reshape(1, -1), name="norms")]
             handles += self._gather.post(self.comm, self.params, self._centre, contributes, "centre")
         handles += post_weighted_sum(self.comm, self.float_buffers, self._buffer_sum, None, contributes, "buffers")
+        handles += self._others.post(self.comm, self.other_buffers, "others")
         results = yield handles
         if self._gather is not None:
             summed = results[0].sum(0)
         count = grawa_weights.healthy_count(summed)
         if count == 0:
             raise self._all_diverged(f"averaging round {number}")
+        self._others.finish(self.other_buffers)
         if joined:
             return
         self.last_weights = grawa_weights.weights_from_sums(terms, summed)
@@ -181,4 +189,4 @@ class GRAWA(DistributedWrapper):
         self._load_base_state(state, required=("smoother", "centre"))
         self._smoother.load_state_dict(state["smoother"])
         for (key, flat), centre in zip(self.params.items(), state["centre"]):
-            self._centre.setdefault(key, flat.like()).copy_(centre)
+            self._centre.setdefault(key, flat.accumulator()).copy_(centre)

@@ -34,6 +34,9 @@ class LocalSGD(DistributedWrapper):
         self._last_average: Dict = {}  # the reference of compressed rounds: the same on every rank
         self._setup_rounds(False, self.period)
 
+    def _settings(self) -> Dict[str, Any]:
+        return {**super()._settings(), "period": self.period, "compression": self.compression}
+
     def step(self, loss=None) -> None:
         """One step of the wrapped optimizer; every ``period`` steps, the averaging round."""
         self._step_then_round(loss)
@@ -42,9 +45,11 @@ class LocalSGD(DistributedWrapper):
         """One averaging round; ``joined``: this rank has closed and only takes part."""
         healthy = self._healthy()
         results = yield self._mean.post(self.comm, self.params, self.float_buffers,
-                                        self._may_contribute() and not joined, refs=self._last_average)
+                                        self._may_contribute() and not joined, refs=self._last_average,
+                                        others=self.other_buffers)
         if not self._mean.finish(results):
             raise self._all_diverged(f"averaging round {number}")
+        self._mean.others.finish(self.other_buffers)
         if self.compression:
             self._last_average = {key: mean.clone() for key, mean in self._mean.params.items()}
         if joined:
@@ -65,4 +70,4 @@ class LocalSGD(DistributedWrapper):
         self._last_average = {}
         for (key, flat), mean in zip(self.params.items(), state.get("last_average") or []):
             # on the parameters' device, whatever map_location the checkpoint was loaded with
-            self._last_average[key] = flat.like().copy_(mean)
+            self._last_average[key] = flat.accumulator().copy_(mean)

@@ -87,14 +87,22 @@ class LSGD(DistributedWrapper):
         broadcast_buffers: send the leader's buffers (batch-norm statistics) with its
             parameters; floating buffers are pulled like parameters, others are copied.
         asynchronous: run the asynchronous variant described above.
-        compression: ``None``, ``"bf16"`` or ``"int8"``: the leaders' parameters and floating
-            buffers travel as the compressed difference from the copy every receiver already
-            holds (``horovod_leader.compression``): 1/2 or about 1/4 of the bytes.
+        compression: ``None``, ``"bf16"`` or ``"int8"``: the leaders' parameters travel as the
+            compressed difference from the copy every receiver already holds
+            (``horovod_leader.compression``): 1/2 or about 1/4 of the bytes. Buffers travel
+            uncompressed, as in the averaging methods.
         fused: ``None`` (auto: fuse when the optimizer is plain SGD), ``False`` never.
         topology: a ``Topology`` from ``horovod_leader.init``; default: the current one.
     """
 
     name = "lsgd"
+    _state_world_keys = ("size", "groups")  # the leaders, and where each copy came from, are ranks
+
+    def _settings(self) -> Dict[str, Any]:
+        return {**super()._settings(), "period": self.period, "global_period": self.global_period,
+                "local_pull": self.local_pull, "global_pull": self.global_pull, "prox": self.prox,
+                "score_window": self.scores.window, "asynchronous": self._asynchronous_given,
+                "compression": self.compression, "fused": self._fused_given}
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4,
                  global_period: Optional[int] = None, local_pull: float = 0.1, global_pull: float = 0.1,
@@ -111,7 +119,8 @@ class LSGD(DistributedWrapper):
         self.scores = ScoreWindow(self.period if score_window is None else check_int("score_window", score_window))
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
-        check_bool("asynchronous", asynchronous)
+        self._asynchronous_given = check_bool("asynchronous", asynchronous)
+        self._fused_given = fused
         self.compression = check_compression(compression)
         super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
         self._update = TwoForceStep(optimizer, self.params, allow_fused=fused is not False)
@@ -273,7 +282,7 @@ class LSGD(DistributedWrapper):
     def _post_receive(self, level: str, leader: int) -> list:
         """Post the leader's broadcast of every exchanged buffer into the incoming buffers.
 
-        With ``compression``, a floating buffer travels as the compressed difference from the
+        With ``compression``, a parameter buffer travels as the compressed difference from the
         copy of that level that every rank of the level already holds (zeros before the
         first), and is decoded on arrival (``_accept``)."""
         process_set = self.topology.process_set if level == "local" else self.comm.global_process_set
@@ -291,7 +300,7 @@ class LSGD(DistributedWrapper):
             source = flat.flat
             if withdrawn and source.is_floating_point():
                 source = torch.full_like(source, math.nan)
-            if self.compression and flat.flat.is_floating_point():
+            if self.compression and name.startswith("param."):  # buffers travel uncompressed
                 ref = self._copies[level].get(name)
                 if self.rank == leader:
                     payload = compression.encode(self.compression, source - ref if ref is not None else source)
@@ -313,7 +322,7 @@ class LSGD(DistributedWrapper):
             decoded = compression.decode(self.compression, payload, incoming[name].numel())
             incoming[name].copy_(decoded + ref if ref is not None else decoded)
         self._payloads[level] = []
-        if check_finite and not all(bool(torch.isfinite(t).all()) for t in incoming.values()
+        if check_finite and not all(self._constants.finite(name, t) for name, t in incoming.items()
                                     if t.is_floating_point()):
             return False
         self._copies[level], self._incoming[level] = incoming, self._copies[level]
@@ -331,8 +340,8 @@ class LSGD(DistributedWrapper):
         with torch.no_grad():
             for key, flat in self.float_buffers.items():
                 local, glob = self._leaders_for(key, a, b, kind="fbuf")
-                if local is not None or glob is not None:
-                    fused.leader_pull_(flat.flat, local, glob, local_pull=a, global_pull=b)
+                if local is not None or glob is not None:  # a -inf mask pulled toward -inf stays -inf
+                    self._constants.pull_keeping_constants_("fbuf." + key_name(key), flat.flat, local, glob, a, b)
             # Integer buffers (e.g. batch-norm's num_batches_tracked) cannot be averaged: take
             # the leader's, unless this rank is that leader.
             level = "global" if got_global else ("local" if got_local else None)

@@ -61,6 +61,10 @@ class OneSidedEASGD(DistributedWrapper):
     """
 
     name = "easgd1s"
+    _state_world_keys = ("size",)  # each rank holds its own shard of the centre
+
+    def _settings(self) -> Dict[str, Any]:
+        return {**super()._settings(), "period": self.period, "beta": self.beta, "alpha": self._alpha_given}
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4,
                  beta: float = 0.9, alpha=None, *, topology=None):
@@ -68,7 +72,10 @@ class OneSidedEASGD(DistributedWrapper):
         self.beta = check_real("beta", beta, 0.0, 1.0, low_open=True)
         if alpha is not None:
             check_real("alpha", alpha, 0.0, 1.0, low_open=True)
+        self._alpha_given = None if alpha is None else float(alpha)
         for name, p in model.named_parameters():
+            if not p.is_floating_point() and not p.is_complex():
+                continue  # frozen (integer, bool): left alone, as by every wrapper
             if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64):
                 raise ValueError(f"model: OneSidedEASGD needs CPU float32/float64 parameters (MPI windows live in "
                                  f"host memory); parameter {name!r} is {p.dtype} on {p.device}")
@@ -86,7 +93,7 @@ class OneSidedEASGD(DistributedWrapper):
         from mpi4py import MPI
 
         self._MPI = MPI
-        self._comm = MPI.COMM_WORLD.Dup()
+        self._comm = (self.topology.world_comm or MPI.COMM_WORLD).Dup()
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
         one_node = node.Get_size() == self._comm.Get_size()
         node.Free()
