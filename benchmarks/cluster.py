@@ -12,10 +12,15 @@ rate, no added latency, one machine's CPU shared by every node); ``shm`` runs on
 all the ranks over shared memory, in groups of the same size as the emulated nodes.
 
 For each rate and method, over the seeds: time to target on the training clock (the target
-is data-parallel SGD's mean final accuracy at that rate), the final accuracy, steps per
-second, bytes per step from the toolkit's ``comm_bytes`` accounting, and the bytes that
-crossed each node's link while the training clock ran, from the node's interface counters
-(see ``cluster_rank.py``). A plot of test error against training time, one panel per rate.
+is data-parallel SGD's mean final accuracy at that rate), the final accuracy of the centre
+(every method's headline, as the authors report it), steps per second and their share of the
+communication-free run's (``nocomm``: local SGD with no round inside the budget, the compute
+limit, measured in the same grid), bytes per step from the toolkit's ``comm_bytes``
+accounting, and the bytes that crossed each node's link while the training clock ran, from
+the node's interface counters (see ``cluster_rank.py``). The communication-free run on the
+emulated cluster against the same run over shared memory measures what the emulator itself
+costs the computation (target: within 5%). A plot of test error against training time, one
+panel per rate.
 
 Resumable: each run leaves ``OUT/cluster_runs/NAME.json`` and is skipped when that file is
 there (``--retry-failed`` runs failed ones again). ``OUT/SECTION.json`` and
@@ -50,6 +55,8 @@ METHODS: Dict[str, List[str]] = {
     "localsgd": ["--algo", "localsgd", "--period", "16"],
     "dp": ["--algo", "dp"],
     "lsgd-async": ["--algo", "lsgd", "--async", "--period", "4", "--global-period", "16"],
+    # The compute limit: local SGD whose period is longer than any run, so no round happens.
+    "nocomm": ["--algo", "localsgd", "--period", "1000000000"],
 }
 EXTENDED_METHODS: Dict[str, List[str]] = {
     "diloco": ["--algo", "diloco", "--period", "16"],

@@ -11,11 +11,12 @@ results go to ``straggler_emulated.json`` and the ``straggler_emulated`` section
 
 Rank 3 is slowed by a known factor: after each forward and backward pass it sleeps
 (factor - 1) times the time that computation took it. Each configuration trains the digits
-CNN for the same wall-clock budget; the synchronous runs agree on stopping every ``period``
-steps (so all ranks take the same number of steps), the asynchronous ones stop each rank at its
-own deadline and close. The time of ``close()`` (the rounds still due after the last step) is
-part of each run. Reported: the fast ranks' steps per second in each mode, their ratio, the
-test accuracy at the budget (LSGD: its global leader; GRAWA: the workers' average), and the
+CNN for the same wall-clock budget; the synchronous runs stop on rank 0's clock, agreed at
+every step as the training command does (``AgreedClock``: all ranks take the same number of
+steps), the asynchronous ones stop each rank at its own deadline and close. The time of
+``close()`` (the rounds still due after the last step) is part of each run. Reported: the fast
+ranks' steps per second in each mode, their ratio, the test accuracy at the budget of the
+centre (the workers' average, as the authors report both methods), and the
 asynchronous staleness: the worst lag, in rounds, between the global count and a round's
 start (``rounds_history``), with the share of rounds started during training.
 """
@@ -71,7 +72,7 @@ def launch(args) -> None:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot(summary, out / f"{stem}.png", args)
     table = markdown_table(["method", "period τ", "fast ranks, steps/s sync", "fast ranks, steps/s async",
-                            "async / sync", "slow rank steps/s (sync / async)", "test acc. sync", "test acc. async",
+                            "async / sync", "slow rank steps/s (sync / async)", "centre test acc. sync", "centre test acc. async",
                             "worst staleness, rounds (rounds started during training)"], rows)
     print(table)
     if not args.no_markdown:
@@ -126,6 +127,7 @@ def worker(args) -> None:
     import horovod_leader as hl
     from horovod_leader.data import digits, shard
     from horovod_leader.models import DigitsCNN
+    from horovod_leader.training.clock import AgreedClock, TrainingClock
 
     topo = hl.init(group_size=4)
     rank, size = topo.rank, topo.size
@@ -148,7 +150,9 @@ def worker(args) -> None:
                                                  generator=torch.Generator().manual_seed(rank))
             hvd.allreduce(torch.zeros(1), name=f"bench.start.{algo}.{mode}")  # start together
             start = time.perf_counter()
-            deadline = start + args.budget
+            clock = TrainingClock()
+            agreed = AgreedClock(clock, hvd, asynchronous)
+            agreed.start()
             steps, stop = 0, False
             while not stop:
                 for x, y in loader:
@@ -160,23 +164,17 @@ def worker(args) -> None:
                         time.sleep((args.factor - 1) * (time.perf_counter() - t0))
                     opt.step(loss)
                     steps += 1
-                    if asynchronous:
-                        stop = time.perf_counter() >= deadline
-                    elif steps % period[algo] == 0:  # agree on stopping, so step counts stay equal
-                        late = torch.tensor([float(time.perf_counter() >= deadline)])
-                        stop = bool(hvd.allreduce(late, op=hvd.Max, name=f"bench.stop.{algo}").item())
+                    stop = agreed.after_step()[0] >= args.budget  # the same step on every rank (sync)
                     if stop:
                         break
+            agreed.finish()
             opt.close()  # part of the run: rounds still due after the last step are served here
             elapsed = time.perf_counter() - start
-            with torch.no_grad():
-                if algo == "grawa":
-                    for flat in opt.params.values():
-                        hvd.allreduce_(flat.flat, op=hvd.Average, name="bench.average")
-                acc = float((model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean())
+            with torch.no_grad():  # the centre: the workers' average
+                for flat in opt.params.values():
+                    hvd.allreduce_(flat.flat, op=hvd.Average, name="bench.average")
+                accuracy = float((model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean())
             rates = hvd.allgather(torch.tensor([steps / elapsed]), name="bench.rates").tolist()
-            accs = hvd.allgather(torch.tensor([acc]), name="bench.accs").tolist()
-            accuracy = accs[opt.global_leader] if algo == "lsgd" and opt.global_leader is not None else accs[0]
             runs[f"{algo}-{mode}"] = {"steps_per_s": rates, "accuracy": accuracy, "period": period[algo]}
             if asynchronous:  # staleness: how far behind the global count each round started
                 schedule = opt._schedule

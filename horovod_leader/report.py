@@ -9,16 +9,19 @@ figure, on a log axis so that one run that fails does not flatten the others), t
 leader's identity over time, and communication volume over time.
 
 Which model a run's curve measures (the ``curve of`` column; the accuracy columns, the time
-to target and the plotted curve all use that one model):
+to target and the plotted curve all use that one model): the **centre**, for every method,
+as the authors report it (LSGD's authors test the workers' average, not the leader):
 
-* synchronous LSGD: the global leader, as the LSGD paper reports;
-* synchronous GRAWA, local SGD and data-parallel SGD: the centre, the workers' average with
-  batch-norm statistics re-estimated; EASGD: its centre variable; DiLoCo: its outer
-  parameters;
-* asynchronous runs: rank 0's own worker. No collective may run between their refreshes, so
-  their intermediate evaluations measure rank 0's worker only; its final figure is taken
-  from the final record's per-worker accuracies. The final record also measures the leader
-  and the centre, shown in the ``final leader / centre`` column for every run.
+* the workers' average with batch-norm statistics re-estimated (LSGD, GRAWA, local SGD,
+  data-parallel SGD); EASGD's centre variable; DiLoCo's outer parameters;
+* asynchronous runs measure the same centre between their rounds on rank 0 alone: EASGD's
+  replica, the one-sided EASGD's shards read one-sidedly, or a snapshot of the average taken
+  at a round (``DistributedWrapper.request_centre``).
+
+LSGD's global leader keeps a column of its own (``final leader``), and multi-leader runs
+list each group's centre in ``summary.json``. ``trained (s)`` is the training time of the
+last record; a run that trained more than 5% past its ``--time-budget`` is flagged there, so
+that its accuracy is not read against runs that kept theirs.
 
 Bytes: ``comm_bytes`` (collective payload) plus, for the one-sided EASGD, which joins no
 collective, its window traffic ``one_sided_bytes``.
@@ -62,36 +65,27 @@ def method_label(config: Dict, fallback: str) -> str:
     return " ".join(parts)
 
 
-ASYNC_WORKER = "rank 0's worker"
-
-
 def curve_of(config: Dict, records: List[Dict]) -> str:
-    """Which model the run's accuracy curve measures (see the module's docstring)."""
-    if config.get("asynchronous") or (not config and any("worker0_accuracy" in r for r in records)):
-        return ASYNC_WORKER
-    algo = config.get("algo")
-    if algo == "lsgd" or (not config and any(r.get("leader_accuracy") is not None for r in records)):
-        return "leader"
-    return {"easgd": "EASGD centre", "diloco": "outer parameters"}.get(algo, "centre (workers' average)")
+    """Which model the run's accuracy curve measures: the centre (see the module's docstring)."""
+    return {"easgd": "EASGD centre", "diloco": "outer parameters"}.get(config.get("algo"), "centre (workers' average)")
 
 
 def accuracy_of(record: Dict, model: Optional[str] = None) -> Optional[float]:
-    """The accuracy of ``model`` (``curve_of``) in one record, or None. Without ``model``: the
-    record's headline figure, LSGD's leader, otherwise the centre, otherwise rank 0's worker
-    (which, in an asynchronous run, changes model between the intermediate records and the
-    final one: plot ``curve(run)`` instead)."""
-    if model is None:
-        for key in ("leader_accuracy", "centre_accuracy", "worker0_accuracy"):
-            if record.get(key) is not None:
-                return float(record[key])
-        return None
-    if model == ASYNC_WORKER:
-        if record.get("worker0_accuracy") is not None:
-            return float(record["worker0_accuracy"])
-        workers = record.get("worker_accuracies")
-        return float(workers[0]) if workers else None
-    key = "leader_accuracy" if model == "leader" else "centre_accuracy"
-    return None if record.get(key) is None else float(record[key])
+    """The centre's accuracy in one record, or None (``model`` is ``curve_of``'s label)."""
+    return None if record.get("centre_accuracy") is None else float(record["centre_accuracy"])
+
+
+OVER_BUDGET = 1.05  # a run that trained more than 5% past its budget is flagged
+
+
+def budget_cell(run: Dict) -> str:
+    """The training seconds of the last record, flagged when more than 5% past the budget."""
+    last = run["records"][-1]
+    budget = last.get("time_budget", run["config"].get("time_budget"))
+    seconds = last["train_seconds"]
+    if budget and seconds > OVER_BUDGET * budget:
+        return f"{seconds:.1f} (OVER budget {budget:g} s by {100 * (seconds / budget - 1):.0f}%)"
+    return f"{seconds:.1f}"
 
 
 def curve(run: Dict) -> List:
@@ -108,11 +102,6 @@ def bytes_of(record: Dict) -> float:
     return total
 
 
-def final_figures(record: Dict) -> str:
-    """The final record's leader and centre accuracies (whatever the curve measures)."""
-    parts = [f"{name} {record[key]:.4f}" for name, key in (("leader", "leader_accuracy"), ("centre", "centre_accuracy"))
-             if record.get(key) is not None]
-    return ", ".join(parts) or "-"
 
 
 def summarise(run: Dict, target: float) -> Dict:
@@ -122,7 +111,8 @@ def summarise(run: Dict, target: float) -> Dict:
     reached = next((t for t, a in accs if a >= target), None)
     steps = max(last["step"], 1)
     return {"run": run["name"], "method": run["label"], "curve_of": run["model"],
-            "final_leader_centre": final_figures(last), "final_accuracy": accs[-1][1] if accs else None,
+            "final_leader_accuracy": last.get("leader_accuracy"), "trained": budget_cell(run),
+            "final_accuracy": accs[-1][1] if accs else None,
             "best_accuracy": max(a for _, a in accs) if accs else None, "time_to_target_s": reached,
             "steps_per_s": last["step"] / last["train_seconds"] if last["train_seconds"] > 0 else None,
             "bytes_per_step": bytes_of(last) / steps, "steps": last["step"],
@@ -145,12 +135,12 @@ def flatness_cell(summary: Dict, key: str) -> str:
 def table(summaries: List[Dict], target: float) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
     lines = [f"| run | method | curve of | final acc. | best acc. | training time to {target:.2f} (s) | "
-             "final leader / centre | steps/s | bytes/step/worker | Hessian trace | top eigenvalue |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "final leader | trained (s) | steps/s | bytes/step/worker | Hessian trace | top eigenvalue |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lines.append(f"| {s['run']} | {s['method']} | {s['curve_of']} | {fmt(s['final_accuracy'], '.4f')} | "
                      f"{fmt(s['best_accuracy'], '.4f')} | {fmt(s['time_to_target_s'], '.1f')} | "
-                     f"{s['final_leader_centre']} | "
+                     f"{fmt(s['final_leader_accuracy'], '.4f')} | {s['trained']} | "
                      f"{fmt(s['steps_per_s'], '.1f')} | {fmt(s['bytes_per_step'], ',.0f')} | "
                      f"{flatness_cell(s, 'hessian_trace')} | {flatness_cell(s, 'hessian_top_eigenvalue')} |")
     return "\n".join(lines)
@@ -233,9 +223,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     markdown = table(summaries, args.target)
     note = ("Times are training time (`train_seconds`): wall-clock time with evaluation and checkpoint writes "
             "excluded, as the papers measure it. `curve of` names the model that final acc., best acc. and the "
-            "time to target measure: LSGD's leader, the centre (EASGD's centre variable, DiLoCo's outer "
-            "parameters), or, for asynchronous runs, rank 0's own worker (no collective runs between their "
-            "refreshes); `final leader / centre` is the last record's.")
+            "time to target measure: the centre of every method (the workers' average with batch norm "
+            "re-estimated; EASGD's centre variable; DiLoCo's outer parameters), as the authors report it. "
+            "`final leader` is LSGD's global leader in the last record. `trained (s)` flags a run that trained "
+            "more than 5% past its budget.")
     (out / "report.md").write_text(markdown + "\n\n" + note + "\n")
     (out / "summary.json").write_text(json.dumps(summaries, indent=2))
     paths = plots(runs, out)

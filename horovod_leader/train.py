@@ -377,11 +377,6 @@ class Trainer:
         self.hvd.allreduce(self.torch.zeros(1), name="train.data_ready")
         return loaded if first else load()
 
-    def lr_at(self, epoch: float, seconds: float) -> float:
-        drops = sum(epoch >= m for m in self.args.lr_milestones) + sum(seconds >= m for m in
-                                                                       self.args.lr_time_milestones)
-        return self.args.lr * self.args.lr_gamma ** drops
-
     def mean_loss(self) -> float:
         recent = self.losses[-20:]
         return sum(recent) / len(recent) if recent else float("nan")
@@ -394,12 +389,27 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps({**vars(self.args), "world_size": self.size,
                                                               "groups": self.topo.groups}, indent=2))
 
-    def evaluate(self, seconds: float, wall: float, final: bool = False) -> Optional[float]:
-        """Measure and record (rank 0 writes), outside the training clock."""
+    def evaluates_now(self) -> bool:
+        """An evaluation is due: whether to measure at once. Synchronous runs: every rank,
+        together. Asynchronous runs: rank 0 alone, at once when it can read the centre by
+        itself, otherwise once the snapshot it asks for now has arrived (``request_centre``)."""
+        if not self.args.asynchronous:
+            return True
+        if self.rank != 0:
+            return False
+        if self.evaluator.needs_snapshot:
+            self.opt.request_centre()
+            self._awaiting_centre = True
+            return False
+        return True
+
+    def evaluate(self, snapshot=None) -> Optional[float]:
+        """Measure and record (rank 0 writes, with its own clock's reading), outside the training clock."""
+        seconds, wall = self.clock.train_seconds(), self.clock.wall_seconds()
         with self.clock.excluded():
             return self.record(self.evaluator.record(step=self.step, epoch=self.step / self.steps_per_epoch,
                                                      train_seconds=seconds, wall_seconds=wall,
-                                                     mean_loss=self.mean_loss(), final=final))
+                                                     mean_loss=self.mean_loss(), snapshot=snapshot))
 
     def save_checkpoint(self) -> None:
         from horovod_leader import checkpoint
@@ -410,87 +420,96 @@ class Trainer:
     # -------------------------------------------------------------- the loop
     def run(self) -> None:
         from horovod_leader import checkpoint
+        from horovod_leader.training.clock import AgreedClock
+        from horovod_leader.training.schedule import LoopSchedule
 
         args, torch = self.args, self.torch
         if args.resume:
             checkpoint.load(self)
         self.write_config()
-        total_steps = None if args.epochs is None else int(args.epochs * self.steps_per_epoch)
-        budget = args.time_budget
-        eval_every = args.eval_every or (budget / 10 if budget else None)
-        eval_every_steps = None if eval_every else max((total_steps or 100) // 10, 1)
-        sync_every = max(1, args.period if args.algo != "dp" else 10)
+        self.clock.start()
+        agreed = AgreedClock(self.clock, self.hvd, args.asynchronous)
+        seconds, _ = agreed.start()
+        schedule = LoopSchedule(steps_per_epoch=self.steps_per_epoch, epochs=args.epochs, time_budget=args.time_budget,
+                                eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, lr=args.lr,
+                                lr_gamma=args.lr_gamma, lr_milestones=args.lr_milestones,
+                                lr_time_milestones=args.lr_time_milestones, asynchronous=args.asynchronous,
+                                start_seconds=seconds)
         bar = None
         if self.rank == 0 and not args.no_progress:
             from horovod_leader.training.progress import Progress
-            bar = Progress(total_steps, self.step, f"{args.algo}{' async' if args.asynchronous else ''}")
-        self.clock.start()
-        seconds, wall = self.clock.agreed(self.hvd, args.asynchronous)
-        next_eval = (seconds + eval_every) if eval_every else None
+            bar = Progress(schedule.total_steps, self.step, f"{args.algo}{' async' if args.asynchronous else ''}")
         last_acc = None
+        self._awaiting_centre = False  # an asynchronous evaluation waits for its snapshot of the average
         # A resumed run that already reached its budget takes no further step.
-        done = (total_steps is not None and self.step >= total_steps) or (budget is not None and seconds >= budget)
+        done = schedule.done(self.step, seconds)
         skip = self.step % self.steps_per_epoch  # resuming mid-epoch: skip the batches already seen
         epoch_index = self.step // self.steps_per_epoch
         while not done:
             for x, y in self.pipeline.batches(epoch_index, skip):
-                epoch = self.step / self.steps_per_epoch
+                lr = schedule.lr_at(self.step, seconds)
                 for group in self.sgd.param_groups:
-                    group["lr"] = self.lr_at(epoch, seconds)
+                    group["lr"] = lr
                 loss = torch.nn.functional.cross_entropy(self.model(x), y)
                 self.sgd.zero_grad()
                 loss.backward()
                 self.opt.step(loss)
                 self.losses.append(loss.item())
                 self.step += 1
+                # One clock reading per step: every rank decides alike, at this step.
+                seconds, _ = agreed.after_step()
                 if bar is not None:
                     bar.update(1)
                     if self.step % 10 == 0:
                         bar.set_postfix(loss=f"{self.mean_loss():.3f}", leader=getattr(self.opt, "global_leader", "-"),
                                         acc="-" if last_acc is None else f"{last_acc:.3f}")
-                check_now = self.args.asynchronous or self.step % sync_every == 0
-                if check_now:
-                    seconds, wall = self.clock.agreed(self.hvd, args.asynchronous)
-                done = (total_steps is not None and self.step >= total_steps) or (
-                    budget is not None and check_now and seconds >= budget)
-                due = (eval_every and check_now and seconds >= next_eval) or (
-                    eval_every_steps and self.step % eval_every_steps == 0)
-                if due and not done:
-                    last_acc = self.evaluate(seconds, wall)
-                    next_eval = (seconds + eval_every) if eval_every else None
-                if args.checkpoint_every and self.step % args.checkpoint_every == 0 and not args.asynchronous:
+                done = schedule.done(self.step, seconds)
+                if schedule.evaluation_due(self.step, seconds) and not done and self.evaluates_now():
+                    last_acc = self.evaluate()
+                if self._awaiting_centre and not done:
+                    snapshot = self.opt.take_centre()
+                    if snapshot is not None:  # the average, taken at the round just completed
+                        self._awaiting_centre = False
+                        last_acc = self.evaluate(snapshot)
+                if schedule.checkpoint_due(self.step):
                     self.save_checkpoint()
                 if done:
                     break
             if not done:
                 skip = 0
                 epoch_index += 1
-        self.opt.close()
-        seconds, wall = self.clock.train_seconds(), self.clock.wall_seconds()
+        agreed.finish()
+        if args.asynchronous:  # the rounds that close() serves are part of the training
+            self.opt.close()
+        else:  # every rank stopped at the same step: closing is only leaving the collectives
+            with self.clock.excluded():
+                self.opt.close()
         # After close() every rank's state is final (asynchronous runs: every round served,
         # the one-sided EASGD's centre shards complete), so every run can resume from here.
+        seconds, wall = self.clock.train_seconds(), self.clock.wall_seconds()
         self.save_checkpoint()
         last_acc = self.final_evaluation(seconds, wall)
         if bar is not None:
             bar.close()
         if self.rank == 0:
             print(f"done: {self.step} steps in {seconds:.1f} s of training ({self.clock.wall_seconds():.1f} s in all); "
-                  f"final accuracy {last_acc if last_acc is None else round(last_acc, 4)}; "
+                  f"final centre accuracy {last_acc if last_acc is None else round(last_acc, 4)}; "
                   f"metrics in {self.out / 'metrics.jsonl'}", flush=True)
 
     def final_evaluation(self, seconds: float, wall: float) -> Optional[float]:
         """The last record, after every rank has closed its wrapper (collectives allowed);
         with ``--flatness`` it also holds the Hessian trace and top eigenvalue of the centre
         (and of LSGD's global leader), see ``horovod_leader.flatness.measure_for_run``."""
-        if not self.args.flatness:
-            return self.evaluate(seconds, wall, final=True)
-        from horovod_leader.flatness import measure_for_run
-
         with self.clock.excluded():
             record = self.evaluator.record(step=self.step, epoch=self.step / self.steps_per_epoch,
                                            train_seconds=seconds, wall_seconds=wall, mean_loss=self.mean_loss(),
                                            final=True)
-            record.update(measure_for_run(self.evaluator, self.args.flatness_batches, self.args.seed))
+            if self.args.time_budget is not None:
+                record["time_budget"] = self.args.time_budget
+            if self.args.flatness:
+                from horovod_leader.flatness import measure_for_run
+
+                record.update(measure_for_run(self.evaluator, self.args.flatness_batches, self.args.seed))
             return self.record(record)
 
     def record(self, record: Optional[Dict]) -> Optional[float]:
@@ -499,7 +518,7 @@ class Trainer:
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-        for key in ("leader_accuracy", "centre_accuracy", "worker0_accuracy"):
+        for key in ("centre_accuracy", "worker0_accuracy"):  # the centre is every method's headline
             if record.get(key) is not None:
                 return record[key]
         return None

@@ -17,6 +17,15 @@
 # Exit status: the launcher's (non-zero if any rank fails); 2 for bad usage; 3 when this
 # machine cannot host the emulator (not root, no network namespaces, no tbf, no sshd).
 #
+# What it emulates, and what not:
+#   - link rates: yes (tbf on both ends of every node's link, each direction);
+#   - latency: no (netem is not available everywhere; tbf adds only queueing delay);
+#   - separate cores: no. Every node shares this machine's cores, so the ranks must not
+#     busy-poll while they wait: mpirun and horovodrun in MPI mode run Open MPI with
+#     mpi_yield_when_idle=1 (what --oversubscribe sets on one host), since the hostfile gives
+#     every node slots of its own and Open MPI would otherwise spin on the shared cores.
+#     Gloo mode has no such setting; see BENCHMARKS.md for what it measures.
+#
 # Only addresses in 198.18.0.0/15 (RFC 2544, benchmarking) are used: one free /24 per run,
 # nodes at .1, .2, ..., the root namespace's end of the bridge at .254, so that the launcher
 # and its daemons reach the nodes. Nothing else on the machine's network is touched. On every
@@ -232,10 +241,12 @@ EOF
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ "$LAUNCHER" = mpirun ]; then
     CMD=(mpirun -np "$NP" --hostfile "$STATE/hostfile" --map-by slot --bind-to none
+         --mca mpi_yield_when_idle 1
          --mca plm_rsh_agent "$AGENT" --mca plm_rsh_no_tree_spawn 1
          --mca btl_tcp_if_include "$CIDR" --mca oob_tcp_if_include "$CIDR"
          -x OMP_NUM_THREADS -x PATH)
-    for var in LD_LIBRARY_PATH HOROVOD_LEADER_GROUP_SIZE PYTHONPATH PYTHONUNBUFFERED; do
+    # Horovod's and this toolkit's settings (HOROVOD_*) reach every rank, as horovodrun does.
+    for var in LD_LIBRARY_PATH PYTHONPATH PYTHONUNBUFFERED $(compgen -e | grep '^HOROVOD_' || true); do
         [ -n "${!var:-}" ] && CMD+=(-x "$var")
     done
     [ "$(id -u)" = 0 ] && CMD+=(--allow-run-as-root)
@@ -249,7 +260,7 @@ else
     if [ "$LAUNCHER" = horovodrun-gloo ]; then
         CMD+=(--gloo)
     else
-        CMD+=(--mpi --mpi-args="--mca oob_tcp_if_include $CIDR --mca plm_rsh_no_tree_spawn 1")
+        CMD+=(--mpi --mpi-args="--mca oob_tcp_if_include $CIDR --mca plm_rsh_no_tree_spawn 1 --mca mpi_yield_when_idle 1")
     fi
     # shellcheck disable=SC2206
     [ -n "${HOROVODRUN_EXTRA:-}" ] && CMD+=($HOROVODRUN_EXTRA)

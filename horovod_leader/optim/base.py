@@ -282,8 +282,15 @@ class DistributedWrapper:
         count, one round per ``size * steps_per_round`` steps of all ranks together."""
         from horovod_leader.async_schedule import AsyncSchedule, RefreshDriver, make_step_counter
 
+        from horovod_leader.optim.averaging import MeanRound
+
         self.asynchronous = asynchronous
         self._driver = RefreshDriver()
+        if asynchronous:  # the centre's snapshots (see request_centre)
+            self._centre_comm = Collectives(self.name + ".centre")  # not counted in comm_bytes
+            self._centre_mean, self._centre_due, self._centre_wanted = MeanRound(), False, False
+            self._centre_flag = torch.zeros(1, dtype=torch.float64)
+            self._centre_snapshot = None
         self._schedule = (AsyncSchedule(self.size * steps_per_round, make_step_counter(self.topology.world_comm),
                                         self._driver)
                           if asynchronous else None)
@@ -292,13 +299,65 @@ class DistributedWrapper:
         """The refresh as a generator of posted collectives (see ``async_schedule``)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ the centre of asynchronous runs
+    def request_centre(self) -> None:
+        """Asynchronous mode: ask for a snapshot of the workers' average at an upcoming round.
+
+        No collective may run between asynchronous rounds, so the average is taken where the
+        workers already meet, as the authors test right after a communication round: the
+        request rides in the next round (a one-number all-reduce that every round carries),
+        and the round after it also all-reduces the parameters and floating buffers of the
+        healthy workers. ``take_centre()`` then returns it on every rank. Cost: 8 bytes per
+        round, and one all-reduce of the parameters (P) and floating buffers per snapshot;
+        neither is counted in ``comm_bytes``.
+        """
+        if hasattr(self, "_centre_flag"):  # a wrapper with asynchronous rounds
+            self._centre_wanted = True
+
+    def take_centre(self) -> Optional[Dict[str, Dict[Any, torch.Tensor]]]:
+        """The snapshot of the workers' average that arrived since the last call, or None:
+        ``{"params": {key: flat mean}, "buffers": {key: flat mean}}`` keyed like ``params``
+        and ``float_buffers`` (float32 for half-precision models)."""
+        snapshot, self._centre_snapshot = getattr(self, "_centre_snapshot", None), None
+        return snapshot
+
+    def _async_round(self, number: int):
+        """An asynchronous round: the method's ``_round`` with the centre's collectives added
+        to its first exchange (see ``request_centre``)."""
+        self._centre_flag.fill_(1.0 if self._centre_wanted else 0.0)
+        self._centre_wanted = False
+        extra = [self._centre_comm.allreduce_async_(self._centre_flag, name="request")]
+        snapshot = self._centre_due
+        if snapshot:
+            extra += self._centre_mean.post(self._centre_comm, self.params, self.float_buffers, self._may_contribute())
+        inner = self._round(number)
+        try:
+            handles = list(next(inner))
+        except StopIteration as finished:  # a round that posts nothing of its own
+            handles, inner = [], None
+            value = finished.value
+        results = yield handles + extra
+        own, mine = results[:len(handles)], results[len(handles):]
+        self._centre_due = float(mine[0]) > 0
+        if snapshot and self._centre_mean.finish(mine[1:]):
+            self._centre_snapshot = {"params": {k: t.clone() for k, t in self._centre_mean.params.items()},
+                                     "buffers": {k: t.clone() for k, t in self._centre_mean.buffers.items()}}
+        if inner is None:
+            return value
+        while True:
+            try:
+                handles = inner.send(own)
+            except StopIteration as finished:
+                return finished.value
+            own = yield handles
+
     def _step_then_round(self, loss) -> None:
         """The wrapped optimizer's step, then a round every ``self.period`` steps (synchronous)
         or the step counted toward the global schedule (asynchronous)."""
         self._begin_step(loss)
         self.optimizer.step()
         if self.asynchronous:
-            self._schedule.after_step(self._round, self._steps)
+            self._schedule.after_step(self._async_round, self._steps)
         elif self._steps % self.period == 0:
             self._run_round(self._steps // self.period)
 
@@ -346,7 +405,7 @@ class DistributedWrapper:
             return
         self._closed = True
         if self._schedule is not None:
-            self._schedule.close(self._round, self._steps)
+            self._schedule.close(self._async_round, self._steps)
         else:
             self._join_rounds()
         import horovod.torch as hvd

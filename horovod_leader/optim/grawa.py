@@ -103,7 +103,7 @@ class GRAWA(DistributedWrapper):
             for key, flat in self.params.items():
                 pull_toward_(flat, self._centre[key], self.prox / self.period)
         if self.asynchronous:
-            self._schedule.after_step(self._round, self._steps)
+            self._schedule.after_step(self._async_round, self._steps)
         elif due:
             self._run_round(self._steps // self.period)
 

@@ -186,7 +186,7 @@ class LSGD(DistributedWrapper):
         b = self._coefficient("global", 0.0, self.global_period)
         self._update(a, b, self._leaders_for)
         self._pull_buffers(a, b, False, False)
-        self._schedule.after_step(self._round, self._steps)
+        self._schedule.after_step(self._async_round, self._steps)
 
     def _coefficient(self, level: str, refresh_pull: float, period: int) -> float:
         """This step's pull toward the ``level`` copy: 0 when this rank sent that copy."""

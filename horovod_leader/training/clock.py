@@ -7,8 +7,9 @@ Two readings, both in seconds since the run started (continued across ``--resume
   the report's time to accuracy all use it; the authors' ``raw_time = total - test_time``.
 * ``wall_seconds``: everything, evaluation included.
 
-Synchronous runs take time-based decisions on rank 0's clock (``agreed``: one small
-broadcast), so every rank decides alike at the same step; asynchronous runs read their own.
+Synchronous runs take every time-based decision on rank 0's clock, known to every rank one
+step late without a blocking round trip (``AgreedClock``), so every rank decides alike at the
+same step, whatever the period, the method or the launcher; asynchronous runs read their own.
 """
 from __future__ import annotations
 
@@ -51,16 +52,6 @@ class TrainingClock:
             self.excluded_seconds += time.perf_counter() - self._excluded_since
             self._excluded_since = None
 
-    def agreed(self, hvd, asynchronous: bool) -> Tuple[float, float]:
-        """(train_seconds, wall_seconds): rank 0's in synchronous runs, this rank's otherwise."""
-        if asynchronous:
-            return self.train_seconds(), self.wall_seconds()
-        import torch
-
-        value = torch.tensor([self.train_seconds(), self.wall_seconds()], dtype=torch.float64)
-        value = hvd.broadcast(value, root_rank=0, name="train.clock")
-        return float(value[0]), float(value[1])
-
     def state_dict(self) -> Dict[str, float]:
         return {"train_seconds": self.train_seconds(), "wall_seconds": self.wall_seconds()}
 
@@ -68,3 +59,70 @@ class TrainingClock:
         self.train_before = float(state["train_seconds"])
         self.wall_before = float(state["wall_seconds"])
         self.start()
+
+
+class AgreedClock:
+    """Rank 0's training clock on every rank, one step late, with no blocking round trip.
+
+    After each step, rank 0 posts a non-blocking broadcast of its reading (training and wall
+    seconds, and how long its last step took on the training clock); every other rank posts
+    the matching receive. After the next step each rank takes that value, waiting only when
+    some rank is more than a step behind, and posts the next one. The value then estimates
+    rank 0's clock at the end of the step just taken: its reading one step earlier plus the
+    length of its last step. Every time-based decision (the budget, evaluations, learning-rate
+    milestones) is taken on that estimate: on every rank at the same step, whatever the
+    period (1 or 100,000), the method or the launcher, and at the first step whose estimated
+    end is past the time. The cost is one 24-byte broadcast per step, posted while the next
+    step computes.
+
+    Asynchronous runs have no common step: every rank reads its own clock.
+
+    Args:
+        clock: this rank's ``TrainingClock``.
+        hvd: ``horovod.torch``, initialised.
+        asynchronous: read this rank's own clock only.
+    """
+
+    NAME = "train.clock"
+
+    def __init__(self, clock: TrainingClock, hvd, asynchronous: bool):
+        self.clock, self.hvd, self.asynchronous = clock, hvd, asynchronous
+        self._pending = None
+        self._sent = None  # the tensor the pending broadcast fills
+        self._last_train = None  # rank 0: its reading at the previous step
+
+    def _reading(self):
+        import torch
+
+        train = self.clock.train_seconds()
+        step = 0.0 if self._last_train is None else max(train - self._last_train, 0.0)
+        self._last_train = train
+        return torch.tensor([train, self.clock.wall_seconds(), step], dtype=torch.float64)
+
+    def _post(self) -> None:
+        self._sent = self._reading()  # only rank 0's matters; the others' are overwritten
+        self._pending = self.hvd.broadcast_async_(self._sent, root_rank=0, name=self.NAME)
+
+    def start(self) -> Tuple[float, float]:
+        """(train_seconds, wall_seconds) when the loop starts: rank 0's, waited for (synchronous)."""
+        if self.asynchronous:
+            return self.clock.train_seconds(), self.clock.wall_seconds()
+        self._post()
+        value = self.hvd.synchronize(self._pending)
+        self._post()  # what the first step's decisions will read
+        return float(value[0]), float(value[1])
+
+    def after_step(self) -> Tuple[float, float]:
+        """The estimated (train_seconds, wall_seconds) of rank 0 at the end of the step just
+        taken, the same on every rank (synchronous); this rank's own clock (asynchronous)."""
+        if self.asynchronous:
+            return self.clock.train_seconds(), self.clock.wall_seconds()
+        value = self.hvd.synchronize(self._pending)
+        self._post()
+        return float(value[0] + value[2]), float(value[1] + value[2])
+
+    def finish(self) -> None:
+        """Complete the broadcast in flight (before leaving the loop's collectives)."""
+        if self._pending is not None:
+            self.hvd.synchronize(self._pending)
+            self._pending = None

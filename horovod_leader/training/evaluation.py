@@ -2,10 +2,14 @@
 
 * **worker**: each rank's own model on the whole test set;
 * **leader** (LSGD): the global leader's worker accuracy;
-* **centre**: the workers' average x̄ = (1/p) Σ_i x_i, with batch-norm statistics
-  re-estimated, as the papers report; for the methods that keep a centre of their own, that
-  one (``stored_centre``): EASGD's centre variable x̃, the one-sided EASGD's centre gathered
-  from its shards, DiLoCo's outer parameters θ (what every worker restarts from);
+* **centre**: every method's headline, as the authors report it: the workers' average
+  x̄ = (1/p) Σ_i x_i, with batch-norm statistics re-estimated (LSGD, GRAWA, local SGD,
+  data-parallel SGD); for the methods that keep a centre of their own, that one
+  (``stored_centre``): EASGD's centre variable x̃, the one-sided EASGD's centre gathered
+  from its shards, DiLoCo's outer parameters θ (what every worker restarts from).
+  Asynchronous runs measure it on rank 0 alone, between rounds: EASGD's replica, the
+  one-sided EASGD's shards read one-sidedly, or else a snapshot of the average taken at a
+  round (``DistributedWrapper.request_centre``);
 * **group centres** (multi-leader LSGD): the average of each group's workers, re-estimated
   the same way.
 
@@ -131,8 +135,8 @@ class Evaluator:
             for key, flat in self.opt.params.items():  # one collective per packed buffer
                 if stored is not None:
                     average = stored[key]
-                else:
-                    average = flat.flat.clone()
+                else:  # summed in float32 for a half-precision model
+                    average = flat.accumulator().copy_(flat.flat)
                     self.hvd.allreduce_(average, op=self.hvd.Average, name=f"{name}.{key_name(key)}",
                                         process_set=process_set)
                 for tensor, view in zip(flat.tensors, flat.views(average)):
@@ -159,6 +163,38 @@ class Evaluator:
             merge_batch_norm(centre, seen, self.hvd, process_set, f"{name}.bn")
         return centre
 
+    @property
+    def needs_snapshot(self) -> bool:
+        """Asynchronous runs whose centre is the workers' average: it must be taken at a round."""
+        return self.asynchronous and self.local_centre() is None
+
+    def local_centre(self) -> Optional[Dict]:
+        """The method's own centre as this rank alone can read it (no collective), or None:
+        EASGD's replicated centre variable, the one-sided EASGD's shards read one-sidedly."""
+        from horovod_leader.optim import EASGD, OneSidedEASGD
+
+        if isinstance(self.opt, EASGD):
+            return self.opt.centre
+        if isinstance(self.opt, OneSidedEASGD):
+            return self.opt.centre()
+        return None
+
+    def centre_alone(self, params: Dict, buffers: Optional[Dict] = None) -> float:
+        """Accuracy of a centre held by this rank alone (asynchronous runs, rank 0): ``params``
+        (and floating ``buffers``) keyed like the wrapper's, batch norm re-estimated over all
+        the ``--bn-batches`` batches here, the whole test set."""
+        centre = self.average_model(None, "", params)
+        if buffers:  # the averaged buffers (re-estimated below where they are batch norm's)
+            index = {id(b): i for i, b in enumerate(self.model.buffers())}
+            copies = list(centre.buffers())
+            with torch.no_grad():
+                for key, flat in self.opt.float_buffers.items():
+                    for tensor, view in zip(flat.tensors, flat.views(buffers[key])):
+                        copies[index[id(tensor)]].copy_(view)
+        if batch_norms(centre):
+            reestimate_batch_norm(centre, self.pipeline.evaluation_batches(self.bn_batches, 0, 1))
+        return count_correct(centre, self.test_images, self.test_labels, self.device) / len(self.test_labels)
+
     def centre_accuracy(self, process_set, position: int, members: int, name: str,
                         own_centre: bool = False) -> float:
         """The members' re-estimated average (or the method's own centre) on the test set."""
@@ -176,18 +212,23 @@ class Evaluator:
 
     # ------------------------------------------------------------------ the record
     def record(self, *, step: int, epoch: float, train_seconds: float, wall_seconds: float, mean_loss: float,
-               final: bool = False) -> Optional[Dict]:
+               final: bool = False, snapshot: Optional[Dict] = None) -> Optional[Dict]:
         """One metrics record (rank 0 writes it). ``comm_bytes``: collective payload bytes per
-        rank; the one-sided EASGD's window traffic is ``one_sided_bytes``."""
+        rank; the one-sided EASGD's window traffic is ``one_sided_bytes``. ``snapshot``: an
+        asynchronous run's average taken at a round (``take_centre()``)."""
         opt, hvd = self.opt, self.hvd
         leader = getattr(opt, "global_leader", None)
         one_sided = getattr(opt, "one_sided_bytes", None)  # the one-sided EASGD's traffic (no collectives)
         base = {"train_seconds": train_seconds, "wall_seconds": wall_seconds, "step": step, "epoch": epoch}
         if self.asynchronous and not final:
-            # No collectives between refreshes: rank 0 reports its own worker.
+            # No collectives between refreshes: rank 0 reports its own worker and the centre
+            # that it can read alone (its replica, or the snapshot taken at a round).
             if self.topo.rank != 0:
                 return None
-            out = {**base, "worker0_accuracy": self.worker_accuracy(), "loss": mean_loss,
+            own = self.local_centre()
+            centre = (self.centre_alone(own) if own is not None else
+                      self.centre_alone(snapshot["params"], snapshot["buffers"]) if snapshot is not None else None)
+            out = {**base, "worker0_accuracy": self.worker_accuracy(), "centre_accuracy": centre, "loss": mean_loss,
                    "comm_bytes": opt.comm_bytes, "global_leader": leader}
             if one_sided is not None:
                 out["one_sided_bytes"] = one_sided
