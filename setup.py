@@ -57,8 +57,8 @@ setup(
     install_requires=["torch", "numpy"],
     extras_require={"distributed": ["horovod>=0.28", "mpi4py>=3.1"], "train": ["torchvision", "scikit-learn", "tqdm", "matplotlib"]},
     entry_points={"console_scripts": [
-        "horovod-leader-train=horovod_leader.train:main",
-        "horovod-leader-report=horovod_leader.report:main",
+        "horovod-leader-train=horovod_leader.training.command:main",
+        "horovod-leader-report=horovod_leader.training.report:main",
     ]},
     **extension_kwargs(),
 )

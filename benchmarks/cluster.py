@@ -111,7 +111,7 @@ def train_options(args, method: str, seed: int, ranks_per_node: int, rate: str, 
 
 def unavailable_reason(method: str) -> Optional[str]:
     """Why this training command cannot run ``method`` (an option it does not have), or None."""
-    from horovod_leader.train import build_parser
+    from horovod_leader.training.command import build_parser
 
     try:
         build_parser().parse_args(ALL_METHODS[method] + ["--dataset", "mnist1d"])
@@ -174,7 +174,7 @@ def run_one(args, run: Dict, runs_dir: Path) -> Dict:
 
 def parameter_bytes(args) -> int:
     """P: the model's float32 parameter payload, the unit of every byte count."""
-    from horovod_leader import models
+    from horovod_leader.training import models
 
     model = models.build(args.model, 10, 1, input_shape=(1, 40), width=args.width)
     return 4 * models.parameter_count(model)
@@ -182,7 +182,7 @@ def parameter_bytes(args) -> int:
 
 def prepare_data(args) -> None:
     """Generate (or find) the cached MNIST-1D arrays once, before any run is timed."""
-    from horovod_leader import data
+    from horovod_leader.training import data
 
     start = time.perf_counter()
     data.load("mnist1d", samples=args.samples)

@@ -124,7 +124,7 @@ def main(argv) -> int:
         folder, argv = Path(argv[1]), argv[2:]
         if local_rank() == 0:
             ledger = LinkLedger(folder / f"{socket.gethostname()}.json")
-    from horovod_leader import train
+    from horovod_leader.training import command as train
     from horovod_leader.training import clock
 
     if ledger is not None:

@@ -40,7 +40,7 @@ NAMES = {"lsgd": "LSGD (multi-leader)", "mgrawa": "MGRAWA", "easgd": "EASGD", "l
 
 def summarise_run(folder: Path, link_dir: Path, payload: int) -> Dict:
     """Curve, final figures and byte counts of one finished training run."""
-    from horovod_leader.report import curve, load_run
+    from horovod_leader.training.report import curve, load_run
 
     run = load_run(folder)
     records, config = run["records"], run["config"]

@@ -79,8 +79,8 @@ def worker(args):
     import torch
 
     import horovod_leader as hl
-    from horovod_leader.data import digits, shard
-    from horovod_leader.models import DigitsCNN
+    from horovod_leader.training.data import digits, shard
+    from horovod_leader.training.models import DigitsCNN
     from method_runs import CONFIGS, MLP, build_wrapper, theoretical_bytes_per_step, timed_steps
 
     hl.init(group_size=4)

@@ -58,7 +58,7 @@ def run_one(args, method: str, seed: int, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # the training command appends to an existing metrics.jsonl
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, timeout=args.timeout, stdout=subprocess.DEVNULL)
-    from horovod_leader.report import accuracy_of, load_run
+    from horovod_leader.training.report import accuracy_of, load_run
 
     last = load_run(out)["records"][-1]
     # What the method outputs: LSGD's global leader (none before the first global refresh).

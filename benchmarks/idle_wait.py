@@ -90,7 +90,8 @@ def run_mode(mode: str) -> dict:
     lines = [line for line in out.stdout.splitlines() if "RESULT " in line]
     if out.returncode != 0 or not lines:
         return {"mode": mode, "status": f"failed (exit {out.returncode})", "tail": (out.stdout + out.stderr)[-2000:]}
-    result = json.loads(lines[-1].split("RESULT ", 1)[1])
+    # the launcher may append another rank's output to the line: read the one JSON object
+    result, _ = json.JSONDecoder().raw_decode(lines[-1].split("RESULT ", 1)[1])
     return {"mode": mode, "status": "ok", **result, "ratio": result["with_waiters_s"] / result["alone_s"]}
 
 

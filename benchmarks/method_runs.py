@@ -22,22 +22,12 @@ CONFIGS: List[Tuple[str, List[str]]] = [
 
 
 def theoretical_bytes_per_step(options: List[str], payload: int, tensors: int) -> float:
-    """Bytes per worker per step that the algorithm must send, from its definition."""
+    """Bytes per worker per step that the algorithm must send, from its definition
+    (``MethodSpec.expected_bytes``)."""
+    from horovod_leader.registry import METHODS
+
     opts = dict(zip(options[::2], options[1::2]))
-    algo, period = opts["--algo"], int(opts.get("--period", 1))
-    if algo == "dp":
-        return float(payload)                         # every gradient, every step
-    if algo == "lsgd":
-        global_period = int(opts["--global-period"])
-        if opts["--group-size"] == "4":               # one group: the global leader only
-            return (payload + 32) / global_period     # leader's parameters + a 4-number float64 row
-        return payload / period + payload / global_period + 32 / period
-    # The averaging methods announce each round with one float64 (for ranks that closed early).
-    if algo == "mgrawa":
-        return (payload + 16 + 8) / period            # parameters + [1/norm, health flag]
-    if algo == "lgrawa":
-        return (payload + 8 * (tensors + 1) + 8) / period  # parameters + one 1/norm per tensor, a flag
-    return (payload + 8 + 8) / period                 # EASGD, LocalSGD: parameters + a count
+    return METHODS[opts["--algo"]].expected_bytes(opts, payload, tensors)
 
 
 class MLP(nn.Module):
@@ -53,7 +43,7 @@ class MLP(nn.Module):
 
 
 def build_wrapper(options: List[str], model: nn.Module):
-    from horovod_leader.train import build_parser, make_wrapper, validate
+    from horovod_leader.training.command import build_parser, make_wrapper, validate
 
     args = build_parser().parse_args(options + ["--lr", "0.01", "--out", "unused"])
     validate(args)

@@ -125,8 +125,8 @@ def worker(args) -> None:
     from torch import nn
 
     import horovod_leader as hl
-    from horovod_leader.data import digits, shard
-    from horovod_leader.models import DigitsCNN
+    from horovod_leader.training.data import digits, shard
+    from horovod_leader.training.models import DigitsCNN
     from horovod_leader.training.clock import AgreedClock, TrainingClock
 
     topo = hl.init(group_size=4)

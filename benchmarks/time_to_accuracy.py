@@ -38,7 +38,7 @@ def run_one(args, method, seed, out):
     cmd += [sys.executable, "-m", "horovod_leader.train", *options]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run(cmd, check=True, env=env, timeout=120 + 3 * args.budget, stdout=subprocess.DEVNULL)
-    from horovod_leader.report import accuracy_of, load_run
+    from horovod_leader.training.report import accuracy_of, load_run
 
     records = load_run(Path(out))["records"]
     curve = [(r["train_seconds"], accuracy_of(r)) for r in records if accuracy_of(r) is not None]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import horovod_leader as hl
-from horovod_leader.data import digits, shard
-from horovod_leader.models import DigitsCNN
+from horovod_leader.training.data import digits, shard
+from horovod_leader.training.models import DigitsCNN
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--group-size", type=int, default=None, help="ranks per group (default: ranks per node)")

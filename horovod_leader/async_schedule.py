@@ -51,7 +51,7 @@ class GlobalStepCounter:
     """Atomic counters shared by all ranks, advanced with one-sided MPI operations."""
 
     def __init__(self, comm=None):
-        from horovod_leader.topology import require_mpi
+        from horovod_leader.launcher import require_mpi
 
         # In Horovod's Gloo mode there is no MPI world to hold the window: every rank stops
         # here with the cause and the fix, before anything communicates.
@@ -176,7 +176,7 @@ def make_step_counter(comm=None) -> GlobalStepCounter:
     the TCP server otherwise (or HOROVOD_LEADER_STEP_COUNTER=tcp)."""
     import os
 
-    from horovod_leader.topology import require_mpi
+    from horovod_leader.launcher import require_mpi
 
     require_mpi("asynchronous mode (asynchronous=True, --async)")
     from mpi4py import MPI

@@ -1,7 +1,9 @@
 r"""Compressed exchanges: bf16 and int8 payloads for the leaders' broadcasts and the averages.
 
-``compression=None | "bf16" | "int8"`` on every wrapper (DataParallel and OneSidedEASGD stay
-uncompressed). What is compressed is always a *difference* from a reference that every rank
+``compression=None | "bf16" | "int8"`` on every wrapper (or ``Compression.bf16`` /
+``Compression.int8``, as Horovod names its ``Compression.fp16``; DataParallel and
+OneSidedEASGD stay uncompressed). Each format is one ``Codec``: ``encode``, ``decode``,
+``payload_like`` and ``payload_bytes``. What is compressed is always a *difference* from a reference that every rank
 taking part already holds bitwise alike (the last copy received at that level, the last
 centre, EASGD's centre, DiLoCo's outer parameters), so the rounding error scales with how far
 a worker moved since, not with the size of the weights:
@@ -31,71 +33,127 @@ against the all-reduce for int8 up to about 8 workers.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import abc
+from typing import List, Optional, Union
 
 import torch
 
 INT8_BLOCK = 256
-CHOICES = (None, "none", "bf16", "int8")
 
 
-def check_compression(value) -> Optional[str]:
-    """``None``/"none" (off), "bf16" or "int8"; a clear error naming the argument otherwise."""
-    if value not in CHOICES:
-        raise ValueError(f"compression must be None, 'bf16' or 'int8', got {value!r}")
-    return None if value in (None, "none") else value
+class Codec(abc.ABC):
+    """One payload format: how a 1-D float tensor travels, and what it costs."""
+
+    #: the format's name, as ``compression=`` and ``--compression`` take it
+    name: str = ""
+
+    @abc.abstractmethod
+    def encode(self, values: torch.Tensor) -> List[torch.Tensor]:
+        """The payload tensors for a 1-D float tensor (any float dtype; computed in float32)."""
+
+    @abc.abstractmethod
+    def decode(self, payload: List[torch.Tensor], numel: int) -> torch.Tensor:
+        """The float32 values a payload stands for."""
+
+    @abc.abstractmethod
+    def payload_like(self, numel: int, device=None) -> List[torch.Tensor]:
+        """Empty payload tensors for ``numel`` values (what a receiver posts its broadcast
+        into), on ``device``: the sender's payload is on the model's device, and Horovod
+        refuses a broadcast whose ranks disagree on the device."""
+
+    @abc.abstractmethod
+    def max_error(self, values: torch.Tensor) -> float:
+        """The largest rounding error the format allows for ``values`` (for tests and docs)."""
+
+    def payload_bytes(self, numel: int) -> int:
+        """Bytes of one payload of ``numel`` values."""
+        return sum(t.numel() * t.element_size() for t in self.payload_like(numel))
+
+    def __repr__(self) -> str:
+        return f"Compression.{self.name}"
 
 
-def payload_like(kind: str, numel: int, device=None) -> List[torch.Tensor]:
-    """Empty payload tensors for ``numel`` values (what a receiver posts its broadcast into), on
-    ``device``: the sender's payload is on the model's device, and Horovod refuses a broadcast
-    whose ranks disagree on the device."""
-    if kind == "bf16":
-        return [torch.empty(numel, dtype=torch.int16, device=device)]
-    blocks = (numel + INT8_BLOCK - 1) // INT8_BLOCK
-    return [torch.empty(blocks * INT8_BLOCK, dtype=torch.int8, device=device),
-            torch.empty(blocks, dtype=torch.float32, device=device)]
+class BF16(Codec):
+    """The values rounded to bfloat16, sent as their 16-bit patterns in an ``int16`` tensor
+    (Horovod refuses bfloat16 tensors on the CPU): 2 bytes per value, relative error <= 2^-8."""
 
+    name = "bf16"
 
-def encode(kind: str, values: torch.Tensor) -> List[torch.Tensor]:
-    """The payload tensors for a 1-D float tensor (any float dtype; computed in float32)."""
-    v = values.detach().reshape(-1).float()
-    if kind == "bf16":
-        return [v.to(torch.bfloat16).view(torch.int16)]
-    blocks = (v.numel() + INT8_BLOCK - 1) // INT8_BLOCK
-    padded = torch.zeros(blocks * INT8_BLOCK, dtype=torch.float32, device=v.device)
-    padded[:v.numel()] = v
-    tiles = padded.view(blocks, INT8_BLOCK)
-    scales = tiles.abs().amax(dim=1) / 127.0
-    # An all-zero block gets scale 1; a block holding NaN or inf keeps its non-finite scale, so
-    # that it decodes to non-finite values and the receiver's health check still sees it.
-    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
-    quantised = torch.round(tiles / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    return [quantised.reshape(-1), scales]
+    def encode(self, values):
+        return [values.detach().reshape(-1).float().to(torch.bfloat16).view(torch.int16)]
 
-
-def decode(kind: str, payload: List[torch.Tensor], numel: int) -> torch.Tensor:
-    """The float32 values a payload stands for."""
-    if kind == "bf16":
+    def decode(self, payload, numel):
         return payload[0].view(torch.bfloat16).float()[:numel]
-    quantised, scales = payload
-    tiles = quantised.view(-1, INT8_BLOCK).float() * scales[:, None]
-    return tiles.reshape(-1)[:numel]
 
+    def payload_like(self, numel, device=None):
+        return [torch.empty(numel, dtype=torch.int16, device=device)]
 
-def payload_bytes(kind: Optional[str], numel: int, element_size: int = 4) -> int:
-    """Bytes of one payload of ``numel`` values (uncompressed: ``numel * element_size``)."""
-    if kind is None:
-        return numel * element_size
-    return sum(t.numel() * t.element_size() for t in payload_like(kind, numel))
-
-
-def max_error(kind: str, values: torch.Tensor) -> float:
-    """The largest rounding error the format allows for ``values`` (for tests and docs)."""
-    v = values.detach().reshape(-1).float()
-    if kind == "bf16":
+    def max_error(self, values):
+        v = values.detach().reshape(-1).float()
         return float(v.abs().max()) * 2.0 ** -8 if v.numel() else 0.0
-    blocks = (v.numel() + INT8_BLOCK - 1) // INT8_BLOCK
-    padded = torch.zeros(blocks * INT8_BLOCK)
-    padded[:v.numel()] = v
-    return float(padded.view(blocks, INT8_BLOCK).abs().amax(dim=1).max()) / 127.0 / 2.0 * 1.0001 if v.numel() else 0.0
+
+
+class Int8(Codec):
+    """Per-block absmax scaling, blocks of ``INT8_BLOCK`` = 256 values: an ``int8`` tensor and
+    one float32 scale per block, 1 + 4/256 bytes per value; error at most half a scale step."""
+
+    name = "int8"
+
+    @staticmethod
+    def _tiles(values: torch.Tensor) -> torch.Tensor:
+        v = values.detach().reshape(-1).float()
+        blocks = (v.numel() + INT8_BLOCK - 1) // INT8_BLOCK
+        padded = torch.zeros(blocks * INT8_BLOCK, dtype=torch.float32, device=v.device)
+        padded[:v.numel()] = v
+        return padded.view(blocks, INT8_BLOCK)
+
+    def encode(self, values):
+        tiles = self._tiles(values)
+        scales = tiles.abs().amax(dim=1) / 127.0
+        # An all-zero block gets scale 1; a block holding NaN or inf keeps its non-finite scale, so
+        # that it decodes to non-finite values and the receiver's health check still sees it.
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+        quantised = torch.round(tiles / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        return [quantised.reshape(-1), scales]
+
+    def decode(self, payload, numel):
+        quantised, scales = payload
+        return (quantised.view(-1, INT8_BLOCK).float() * scales[:, None]).reshape(-1)[:numel]
+
+    def payload_like(self, numel, device=None):
+        blocks = (numel + INT8_BLOCK - 1) // INT8_BLOCK
+        return [torch.empty(blocks * INT8_BLOCK, dtype=torch.int8, device=device),
+                torch.empty(blocks, dtype=torch.float32, device=device)]
+
+    def max_error(self, values):
+        if not values.numel():
+            return 0.0
+        return float(self._tiles(values).abs().amax(dim=1).max()) / 127.0 / 2.0 * 1.0001
+
+
+class Compression:
+    """The formats by name, as Horovod's ``Compression.fp16``: ``Compression.none`` (None),
+    ``Compression.bf16``, ``Compression.int8``."""
+
+    none = None
+    bf16 = BF16()
+    int8 = Int8()
+
+
+CODECS = {"bf16": Compression.bf16, "int8": Compression.int8}
+CHOICES = (None, "none", *CODECS)
+
+
+def check_compression(value: Union[None, str, Codec]) -> Optional[Codec]:
+    """The codec for ``None``/"none" (None: off), "bf16", "int8" or a ``Codec``; a clear error
+    naming the argument otherwise."""
+    if isinstance(value, Codec):
+        return value
+    if value not in CHOICES:
+        raise ValueError(f"compression must be None, 'bf16' or 'int8' (or a Compression codec), got {value!r}")
+    return None if value in (None, "none") else CODECS[value]
+
+
+def name_of(codec: Optional[Codec]) -> Optional[str]:
+    """The format's name, or None when off."""
+    return None if codec is None else codec.name

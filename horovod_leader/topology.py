@@ -16,10 +16,10 @@ Every group gets a Horovod process set for its collectives (the local leader's b
 Under MPI the sets are registered when Horovod is initialised (re-initialising it when it
 already was). In Gloo mode Horovod is initialised only once, with dynamic process sets, and
 the sets are added to it: Horovod 0.28.1 cannot be re-initialised reliably there (see
-``_gloo_horovod``).
+``launcher.gloo_horovod``).
 
-What needs MPI itself says so: ``require_mpi(feature)`` raises ``MPIRequired`` with the cause
-and the fix on every rank, without communicating, when the run is in Gloo mode.
+How the ranks were launched (MPI or Horovod's Gloo mode, the world rank and size before any
+communication) is ``horovod_leader.launcher``'s.
 """
 from __future__ import annotations
 
@@ -27,105 +27,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
+from horovod_leader.launcher import NO_MPI_FIX, gloo_horovod, launched_by_mpi, world_size
+
 GROUP_SIZE_ENV = "HOROVOD_LEADER_GROUP_SIZE"
-NO_MPI_FIX = "launch with horovodrun in MPI mode or mpirun"
 
 # The topology of the last init(). Horovod's own state is per process, and so is this: it
 # lets wrappers built without an explicit ``topology=`` find the groups Horovod was given.
 _registry: dict = {}
-
-
-class MPIRequired(RuntimeError):
-    """A feature that needs MPI was asked for in a run without it (Horovod in Gloo mode)."""
-
-
-def launched_by_mpi() -> bool:
-    """True when the ranks were started by MPI (mpirun, srun, horovodrun in MPI mode).
-
-    False when Horovod runs in Gloo mode: ``horovodrun --gloo`` and elastic runs set
-    ``HOROVOD_CONTROLLER=gloo``, and a Horovod built without MPI has nothing else. Decided
-    from the environment and the build alone, so every rank gets the same answer without
-    communicating.
-    """
-    controller = os.environ.get("HOROVOD_CONTROLLER", "").strip().lower()
-    if controller:
-        return controller != "gloo"
-    import horovod.torch as hvd
-
-    return bool(hvd.mpi_built())
-
-
-def mpi_required_message(feature: str) -> str:
-    return (f"{feature} needs MPI's one-sided operations, which count every worker's steps for the "
-            "asynchronous rounds, and this run has no MPI: Horovod runs in Gloo mode (horovodrun --gloo, "
-            f"elastic mode, or a Horovod built without MPI). Fix: {NO_MPI_FIX}.")
-
-
-def require_mpi(feature: str) -> None:
-    """Raise ``MPIRequired`` naming ``feature``, the cause and the fix, when the run has no MPI.
-
-    Called where such a feature is built (the asynchronous variants' global step counter), so
-    that every rank stops there with the same message and no rank waits for another.
-    """
-    if not launched_by_mpi():
-        raise MPIRequired(mpi_required_message(feature))
-
-
-def world_rank() -> int:
-    """This process's rank in the whole job, without communicating."""
-    if launched_by_mpi():
-        from mpi4py import MPI
-        return MPI.COMM_WORLD.Get_rank()
-    return _horovod_env_int("HOROVOD_RANK", "rank")
-
-
-def world_size() -> int:
-    """The number of ranks in the whole job, without communicating (in Gloo mode outside
-    horovodrun, which sets ``HOROVOD_SIZE``, Horovod is initialised to ask it)."""
-    if launched_by_mpi():
-        from mpi4py import MPI
-        return MPI.COMM_WORLD.Get_size()
-    return _horovod_env_int("HOROVOD_SIZE", "size")
-
-
-def _horovod_env_int(variable: str, attribute: str) -> int:
-    # horovodrun --gloo tells every worker its rank and the world size in the environment;
-    # otherwise Horovod itself is asked (which initialises it).
-    raw = os.environ.get(variable, "").strip()
-    if raw.isdigit():
-        return int(raw)
-    return getattr(_gloo_horovod(), attribute)()
-
-
-def gather_from_every_rank(value: Any, name: str) -> List[Any]:
-    """One small all-gather of a picklable ``value`` that every rank must reach: over MPI when
-    the ranks were started by MPI, else over Horovod (Gloo), initialising it if needed.
-    Returns the values of ranks 0, 1, ... in order."""
-    if launched_by_mpi():
-        from mpi4py import MPI
-        return MPI.COMM_WORLD.allgather(value)
-    return _gloo_horovod().allgather_object(value, name=name)
-
-
-def _gloo_horovod():
-    """Horovod in Gloo mode, initialised once with dynamic process sets.
-
-    In Gloo mode Horovod is never initialised twice: Horovod 0.28.1's rendezvous server can
-    keep a finished rendezvous' addresses (its DELETE handler clears every scope's list of
-    finished ranks when one scope completes), and a re-initialising rank may then read a
-    peer's stale address and abort with "Connection refused". Dynamic process sets let
-    ``init()`` add the groups' sets to the one initialisation instead.
-    """
-    import horovod.torch as hvd
-
-    if not hvd.is_initialized():
-        hvd.init(process_sets="dynamic")
-        _registry["gloo_sets"] = {}
-    elif os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") != "1":
-        raise RuntimeError("Horovod was initialised (hvd.init()) in Gloo mode without dynamic process sets, and "
-                           "Horovod cannot be re-initialised reliably in Gloo mode: call horovod_leader.init() "
-                           "instead of hvd.init(), or hvd.init(process_sets='dynamic') before it")
-    return hvd
 
 
 def resolve_group_size(group_size: Optional[int], world_size: int) -> Optional[int]:
@@ -286,7 +194,7 @@ def init(group_size: Optional[int] = None, comm=None) -> Topology:
         ValueError: on every rank, before any communication, when ``group_size`` does not
             divide the world size or is below 1, or when ``comm`` is given without MPI.
         RuntimeError: in Gloo mode, when Horovod was initialised by a plain ``hvd.init()``
-            (it cannot be re-initialised reliably there; see ``_gloo_horovod``).
+            (it cannot be re-initialised reliably there; see ``launcher.gloo_horovod``).
     """
     if not launched_by_mpi():
         if comm is not None:
@@ -343,11 +251,11 @@ def _attach(groups: List[List[int]], group_comm, world_comm) -> Topology:
 
 def _init_gloo(group_size: Optional[int]) -> Topology:
     """Gloo mode: groups from Horovod's view of the hosts (or blocks), no MPI communicator.
-    Horovod is initialised once (see ``_gloo_horovod``); the groups' process sets are added
+    Horovod is initialised once (see ``launcher.gloo_horovod``); the groups' process sets are added
     to it, or reused when an earlier call added them."""
     size = world_size()
     group_size = resolve_group_size(group_size, size)
-    hvd = _gloo_horovod()
+    hvd = gloo_horovod()
     groups = blocks_of(size, group_size) if group_size is not None else horovod_host_groups()
     added = _registry.setdefault("gloo_sets", {})  # ranks -> ProcessSet, added to this initialisation
     process_sets = []

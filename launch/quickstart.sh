@@ -52,7 +52,7 @@ say "Periods: LSGD averages toward its node's leader every tau=4 steps and towar
 say "tau_G=16 steps (the only exchange that crosses the links); EASGD tau=16 (equal to LSGD's tau_G);"
 say "MGRAWA tau=32 (its paper's); data-parallel SGD all-reduces the gradients every step."
 say "MNIST-1D: generated once and cached (about 12 s the first time)."
-"$PY" -c "from horovod_leader import data; data.load('mnist1d')"
+"$PY" -c "from horovod_leader.training import data; data.load('mnist1d')"
 
 rm -rf "$OUT"
 COMMON=(-m horovod_leader.train --preset paper --dataset mnist1d --model mlp --time-budget "$BUDGET"
@@ -72,7 +72,7 @@ done
 TARGET=$("$PY" - "$OUT/dp" <<'EOF'
 import sys
 from pathlib import Path
-from horovod_leader.report import accuracy_of, load_run
+from horovod_leader.training.report import accuracy_of, load_run
 print(f"{accuracy_of(load_run(Path(sys.argv[1]))['records'][-1]):.4f}")
 EOF
 )

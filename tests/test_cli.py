@@ -23,7 +23,7 @@ def train(np, *args, timeout=300, check=True):
 
 
 def final_state(out, rank):
-    from horovod_leader import checkpoint
+    from horovod_leader.training import checkpoint
 
     return checkpoint.read(checkpoint.step_folder(out, checkpoint.latest_step(out)) / f"rank{rank}.pt")
 
@@ -33,7 +33,7 @@ def records(out):
 
 
 def test_cifar10_loads_through_torchvision(tmp_path):
-    from horovod_leader.data import cifar10
+    from horovod_leader.training.data import cifar10
 
     write_cifar10(tmp_path)
     with allow_fixture():
@@ -92,7 +92,7 @@ def test_report_headlines_the_centre_and_flags_an_overrun_budget(tmp_path):
     column of its own; an asynchronous run's intermediate records carry the centre too. A run
     that trained more than 5% past its budget is flagged. The error axis is logarithmic, so a
     failed run (90% error) leaves the others readable."""
-    from horovod_leader import report
+    from horovod_leader.training import report
 
     base = {"wall_seconds": 0.0, "comm_bytes": [0] * 4}
     write_run(tmp_path / "sync", {"algo": "lsgd", "world_size": 4, "time_budget": 3}, [
@@ -131,7 +131,7 @@ def test_report_headlines_the_centre_and_flags_an_overrun_budget(tmp_path):
 def train_on_fixture(tmp_path, *args, np=4):
     """The training command on the CIFAR-10 fixture, through torchvision's real loader."""
     code = ("import sys; sys.path.insert(0, %r); from cifar_fixture import allow_fixture\n"
-            "from horovod_leader.train import main\n"
+            "from horovod_leader.training.command import main\n"
             "with allow_fixture():\n    sys.exit(main(sys.argv[1:]))" % str(Path(__file__).parent))
     cmd = mpirun_command(np, [sys.executable, "-c", code, "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
                               "--no-progress", *args])
@@ -209,7 +209,8 @@ def test_diloco_run(tmp_path):
     assert last["steps"] == [66] * 4 and last["centre_accuracy"] >= 0.9, last
     states = [final_state(out, rank)["wrapper"] for rank in range(4)]
     for state in states[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(states[0]["outer"], state["outer"]))
+        assert states[0]["outer"].keys() == state["outer"].keys()  # keyed by buffer name
+        assert all(torch.equal(states[0]["outer"][name], state["outer"][name]) for name in state["outer"])
     assert states[0]["outer_optimizer"]["state"], "no outer momentum saved"
 
 

@@ -4,7 +4,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torch.utils.data import TensorDataset
 
-from horovod_leader import data
+from horovod_leader.training import data
 from horovod_leader.training import augment
 from horovod_leader.training.pipeline import FreshBatchLoss, TrainPipeline, epoch_indices
 
@@ -109,7 +109,7 @@ def test_mnist1d_is_generated_deterministically_cached_and_offline(tmp_path, mon
     import numpy as np
 
     import mnist1d.data
-    from horovod_leader import data_mnist1d
+    from horovod_leader.training import data_mnist1d
 
     def no_network(*args, **kwargs):
         raise AssertionError("MNIST-1D must not be downloaded")

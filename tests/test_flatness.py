@@ -187,9 +187,9 @@ def test_training_command_measures_flatness_and_report_shows_it(tmp_path):
     import json
     import os
 
-    from horovod_leader import checkpoint, data
+    from horovod_leader.training import checkpoint, data
     from horovod_leader.flatness import cross_entropy_loss, fixed_training_batches
-    from horovod_leader.models import DigitsCNN
+    from horovod_leader.training.models import DigitsCNN
     from mpi_harness import mpirun_command
 
     out = tmp_path / "lsgd"

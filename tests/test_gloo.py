@@ -73,15 +73,15 @@ def test_async_stops_every_rank_with_the_fix(tmp_path):
 
 
 def test_mode_detection_and_host_views(monkeypatch):
-    from horovod_leader import topology
+    from horovod_leader import launcher, topology
 
     monkeypatch.setenv("HOROVOD_CONTROLLER", "gloo")
-    assert not topology.launched_by_mpi()
-    with pytest.raises(topology.MPIRequired, match="launch with horovodrun in MPI mode or mpirun"):
-        topology.require_mpi("asynchronous mode")
+    assert not launcher.launched_by_mpi()
+    with pytest.raises(launcher.MPIRequired, match="launch with horovodrun in MPI mode or mpirun"):
+        launcher.require_mpi("asynchronous mode")
     monkeypatch.setenv("HOROVOD_CONTROLLER", "mpi")
-    assert topology.launched_by_mpi()
-    topology.require_mpi("asynchronous mode")  # no error under MPI
+    assert launcher.launched_by_mpi()
+    launcher.require_mpi("asynchronous mode")  # no error under MPI
     # Two hosts of two ranks, then hosts of 3 and 1 ranks; a host whose ranks are not one block is refused.
     assert topology.groups_from_host_views([(0, 2), (0, 2), (2, 2), (2, 2)]) == [[0, 1], [2, 3]]
     assert topology.groups_from_host_views([(0, 3), (0, 3), (0, 3), (3, 1)]) == [[0, 1, 2], [3]]

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from horovod_leader import models
+from horovod_leader.training import models
 
 
 @pytest.mark.parametrize("name, side, params", [
@@ -50,7 +50,7 @@ def test_cnn7_layers():
 
 def test_model_and_augment_mismatch_is_refused_naming_augment(tmp_path):
     from cifar_fixture import write_cifar10
-    from horovod_leader.train import parse_and_validate
+    from horovod_leader.training.command import parse_and_validate
 
     write_cifar10(tmp_path)
     cifar = ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", "unused"]
@@ -87,7 +87,7 @@ def test_mnist1d_models_learn_their_input_shape_from_the_data():
 
 
 def test_model_and_data_mismatch_is_refused_naming_model():
-    from horovod_leader.train import parse_and_validate
+    from horovod_leader.training.command import parse_and_validate
 
     _, error = parse_and_validate(["--model", "cnn1d", "--out", "unused"])
     assert "--model cnn1d" in error and "mnist1d" in error

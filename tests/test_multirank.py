@@ -167,3 +167,13 @@ def test_eight_kinds_of_input_under_every_wrapper():
     checks += [f"disagree_{w}" for w in wrappers if w not in ("lgrawa", "mgrawa_bf16")]
     result = run_mpi("input_kinds_checks.py", timeout=300)
     expect_passes(result, checks)
+
+
+def test_wrapper_contract_and_registry():
+    """Every wrapper's state_dict round-trips keyed by buffer name, foreign ones are refused
+    clearly, and the registry builds every method (tests/mpi/contract_checks.py)."""
+    wrappers = ["lsgd", "lsgd_async", "lsgd_int8", "grawa", "grawa_bf16", "easgd", "easgd_async", "easgd_onesided",
+                "localsgd_int8", "diloco", "dp"]
+    result = run_mpi("contract_checks.py", timeout=300)
+    expect_passes(result, ["contract_signatures", *[f"round_trip_{w}" for w in wrappers], "foreign_state_dicts",
+                           "registry_builds_every_method"])

@@ -35,7 +35,7 @@ def run_from_ready(extra_args, bad_rank_args=(), timeout=180):
     last rank printed READY to the end of the job). Timing from there, not from the launch,
     keeps start-up (slow on a loaded machine) out of the bound, which is about how fast a
     refused option ends every rank."""
-    script = ("import os, sys\nimport torch, horovod.torch\nfrom horovod_leader.train import main\n"
+    script = ("import os, sys\nimport torch, horovod.torch\nfrom horovod_leader.training.command import main\n"
               f"print({READY!r}, flush=True)\n"
               "bad = os.environ.get('OMPI_COMM_WORLD_RANK') == '2'\n"
               f"sys.exit(main(sys.argv[1:] + ({list(bad_rank_args)!r} if bad else [])))")
@@ -93,7 +93,7 @@ BAD_OPTIONS = [
 
 def test_every_bad_option_is_refused_by_name():
     """Each bad option, checked in-process: the same code every rank runs before any collective."""
-    from horovod_leader.train import parse_and_validate
+    from horovod_leader.training.command import parse_and_validate
 
     for args, name in BAD_OPTIONS:
         parsed, error = parse_and_validate(args + ["--out", "unused"])
@@ -125,7 +125,7 @@ def test_dead_rank_then_resume_is_bitwise(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO,
                             start_new_session=True)
     try:
-        from horovod_leader.checkpoint import latest_step
+        from horovod_leader.training.checkpoint import latest_step
         deadline = time.time() + 120
         while (latest_step(run) or 0) < 100 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
@@ -187,14 +187,14 @@ def rank_pid(mpirun_pid: int, rank: int) -> int:
 
 
 def test_kill_during_checkpoint_write_keeps_the_last_one(tmp_path):
-    from horovod_leader.checkpoint import atomic_save, read
+    from horovod_leader.training.checkpoint import atomic_save, read
 
     target = tmp_path / "rank0.pt"
     atomic_save({"step": 1, "w": torch.ones(3)}, target)
     # A child process starts writing step 2 and is SIGKILLed half way through the write.
     code = f"""
 import os, signal, torch
-from horovod_leader import checkpoint
+from horovod_leader.training import checkpoint
 real_save = torch.save
 def half_then_die(obj, f):
     f.write(b"PK" + os.urandom(4096)); f.flush()
@@ -214,7 +214,7 @@ class Payload:
 
 
 def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path, monkeypatch):
-    from horovod_leader.checkpoint import read
+    from horovod_leader.training.checkpoint import read
 
     mark = tmp_path / "code-ran"
     monkeypatch.setenv("PAYLOAD_MARK", str(mark))

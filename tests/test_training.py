@@ -5,7 +5,7 @@ import torch
 from horovod_leader.training import clock as clock_module
 from horovod_leader.training.clock import TrainingClock
 from horovod_leader.training.evaluation import reestimate_batch_norm
-from horovod_leader.train import parse, parse_and_validate
+from horovod_leader.training.command import parse, parse_and_validate
 
 
 def test_paper_preset_per_method():
@@ -87,7 +87,7 @@ def test_help_shows_each_default_once():
     None; the methods are named as on the command line (mgrawa, lgrawa)."""
     import re
 
-    from horovod_leader.train import build_parser
+    from horovod_leader.training.command import build_parser
 
     text = build_parser().format_help()
     assert "(default: None)" not in text and "GRAWA's" not in text and "for grawa" not in text
@@ -136,7 +136,7 @@ def test_resume_restores_the_saved_configuration(tmp_path, monkeypatch):
     from pathlib import Path
     from types import SimpleNamespace
 
-    from horovod_leader.train import Trainer
+    from horovod_leader.training.command import Trainer
     from horovod_leader.training import resume
 
     # The world size as horovodrun --gloo tells a 4-rank job, read without communicating.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from horovod_leader.election import ScoreWindow, elect, elect_all
-from horovod_leader.flat import key_name, pack
+from horovod_leader.packing import key_name, pack
 from horovod_leader.topology import blocks_of, groups_from_colors, resolve_group_size
 from horovod_leader.validation import check_fraction, check_int, check_multiple
 
@@ -113,21 +113,25 @@ def test_grawa_weights_arithmetic():
 
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 def test_compression_round_trip_and_non_finite_blocks(kind):
-    from horovod_leader import compression
+    from horovod_leader.compression import Compression, check_compression
 
+    codec = check_compression(kind)
+    assert codec is getattr(Compression, kind) and codec.name == kind
     torch.manual_seed(0)
     values = torch.randn(1000) * torch.logspace(-3, 1, 1000)
     values[256:512] = 0.0  # an all-zero block
-    decoded = compression.decode(kind, compression.encode(kind, values), values.numel())
+    payload = codec.encode(values)
+    assert sum(t.numel() * t.element_size() for t in payload) == codec.payload_bytes(values.numel())
+    decoded = codec.decode(payload, values.numel())
     assert decoded.shape == values.shape and torch.isfinite(decoded).all()
     assert torch.equal(decoded[256:512], values[256:512])
-    assert (decoded - values).abs().max().item() <= compression.max_error(kind, values) + 1e-12
+    assert (decoded - values).abs().max().item() <= codec.max_error(values) + 1e-12
     # A NaN or inf anywhere in a block must reach the receiver as non-finite values, never as
     # finite garbage: the receiver's health check is what discards a diverged leader's copy.
     for bad in (math.nan, math.inf):
         broken = values.clone()
         broken[700] = bad
-        decoded = compression.decode(kind, compression.encode(kind, broken), broken.numel())
+        decoded = codec.decode(codec.encode(broken), broken.numel())
         assert not torch.isfinite(decoded[700])
         assert torch.isfinite(decoded[:512]).all()  # other blocks are untouched
 
@@ -158,3 +162,27 @@ def test_grawa_norm_of_a_sparse_gradient_is_the_dense_one():
     dense = emb.weight.grad.to_dense()
     assert torch.allclose(norms_of([emb.weight.grad], layerwise=True), dense.double().norm().reshape(1))
     assert torch.allclose(norms_of([emb.weight.grad, None], layerwise=False), dense.double().norm().reshape(1))
+
+
+def test_each_default_has_one_home():
+    """The training command's defaults are the wrapper classes' own, except where a class names
+    the command's value and says why (LSGD's global period, DiLoCo's period)."""
+    import inspect
+
+    from horovod_leader.optim import DiLoCo, LSGD
+    from horovod_leader.registry import METHODS
+    from horovod_leader.training.command import build_parser
+
+    parser = build_parser()
+    cli = {action.dest: action.default for action in parser._actions}
+    differ_on_purpose = {("lsgd", "global_period"), ("diloco", "period")}
+    for name, spec in METHODS.items():
+        signature = inspect.signature(spec.wrapper.__init__).parameters
+        for dest in spec.options:
+            library = signature[dest].default
+            command = spec.period if dest == "period" else cli[dest]
+            if (name, dest) in differ_on_purpose or dest in spec.cli_defaults:
+                continue
+            assert command == library, (name, dest, command, library)
+    assert METHODS["diloco"].period == DiLoCo.CLI_PERIOD != DiLoCo.DEFAULT_PERIOD
+    assert "CLI_PERIOD" in inspect.getsource(DiLoCo) and "CLI_GLOBAL_PERIOD_FACTOR" in inspect.getsource(LSGD)

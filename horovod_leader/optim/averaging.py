@@ -13,9 +13,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from horovod_leader import compression
 from horovod_leader.comm import Collectives
-from horovod_leader.flat import FlatBuffer, key_name
+from horovod_leader.compression import Codec
+from horovod_leader.packing import FlatBuffer, key_name
 
 
 def post_weighted_sum(comm: Collectives, flats: Dict, out: Dict, weights: Optional[torch.Tensor],
@@ -54,8 +54,8 @@ class CompressedGather:
     (``horovod_leader.compression``); ``combine`` then forms ``sum_i w_i (r + d_i)`` locally in
     float32, in rank order, so every rank holds the same result bitwise."""
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, codec: Codec):
+        self.codec = codec
         self._counts: List[int] = []
 
     def post(self, comm: Collectives, flats: Dict, refs: Dict, contribute: bool, name: str) -> List:
@@ -64,7 +64,7 @@ class CompressedGather:
             ref = refs.get(key)
             with torch.no_grad():
                 diff = (flat.flat - ref if ref is not None else flat.flat) if contribute else torch.zeros_like(flat.flat)
-            payload = compression.encode(self.kind, diff)
+            payload = self.codec.encode(diff)
             self._counts.append(len(payload))
             for j, part in enumerate(payload):
                 handles.append(comm.allgather_async(part.reshape(1, -1), name=f"{name}.{key_name(key)}.{j}"))
@@ -88,7 +88,7 @@ class CompressedGather:
                 w = w[column:column + columns] if w.numel() > 1 else w.expand(columns)
                 if not bool((w != 0).any()):
                     continue
-                diff = compression.decode(self.kind, [g[worker] for g in gathered], flat.numel).to(total.device)
+                diff = self.codec.decode([g[worker] for g in gathered], flat.numel).to(total.device)
                 if ref is not None:
                     diff = diff + ref.float()
                 for o, n, weight in zip(flat.offsets, flat.numels, w.tolist()):
@@ -131,12 +131,12 @@ class MeanRound:
     ``refs`` (a reference every rank holds alike) in an all-gather, with the health flags.
     Buffers that are not floating point (``others``) are copied from rank 0 (``CopyFromRoot``)."""
 
-    def __init__(self, compression_kind: Optional[str] = None):
+    def __init__(self, codec: Optional[Codec] = None):
         self.count = torch.zeros(1, dtype=torch.float64)
         self.params: Dict = {}
         self.buffers: Dict = {}
         self.others = CopyFromRoot(0)
-        self._gather = CompressedGather(compression_kind) if compression_kind else None
+        self._gather = CompressedGather(codec) if codec else None
         self._flats: Dict = {}
         self._refs: Dict = {}
 

@@ -1,13 +1,15 @@
-"""What every distributed optimizer wrapper shares.
+"""The wrapper contract: what every distributed optimizer wrapper is and shares.
 
 A wrapper holds a ``torch.optim.Optimizer`` (the gradient force) and the model, by
 composition. It packs the model's parameters (and buffers) into flat buffers once, counts
 steps, talks through one ``Collectives`` object (which counts ``comm_bytes``), checks at
-construction that every rank wraps the same model, and offers ``close()`` / ``with opt:`` and
-``state_dict()``.
+construction that every rank wraps the same model with the same settings, and offers
+``close()`` / ``with opt:``, ``centre()`` and ``state_dict()``. ``docs/architecture.md``
+walks through writing one.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import logging
 from typing import Any, Dict, List, Optional
@@ -17,7 +19,7 @@ import torch
 from horovod_leader import abort
 from horovod_leader.comm import Collectives
 from horovod_leader.errors import AllWorkersDiverged
-from horovod_leader.flat import FlatBuffer, key_name, pack
+from horovod_leader.packing import FlatBuffer, key_name, pack
 from horovod_leader.health import NonFiniteAtStart
 from horovod_leader.topology import Topology
 
@@ -58,14 +60,44 @@ def scalar_loss(loss) -> Any:
     return float(loss)
 
 
-class DistributedWrapper:
-    """Base of LSGD, GRAWA, EASGD, LocalSGD and DataParallel (not used directly)."""
+class DistributedWrapper(abc.ABC):
+    """The base of every wrapper (LSGD, GRAWA, EASGD, OneSidedEASGD, LocalSGD, DiLoCo,
+    DataParallel). A subclass provides:
 
-    #: name used in Horovod collective names and in logs
+    * ``name``: used in Horovod collective names and in logs;
+    * its constructor: validate its own arguments (no communication), set them, then call
+      ``super().__init__(optimizer, model, period=..., ...)``, which checks, packs and
+      compares the model and ``_settings()`` across ranks;
+    * ``step(loss)``: the wrapped optimizer's step and, when due, a round;
+    * ``_round(number, joined)``: one round, as a generator of posted collectives (see
+      ``horovod_leader.async_schedule``): it yields the handles it posted and receives their
+      results. ``joined``: this rank has closed and only takes part;
+    * ``_settings()``: the settings every rank must give alike;
+    * ``_state()`` / ``_load_state(state)``: its own state, tensors keyed by buffer name
+      (``_named`` / ``_restore_named``);
+    * ``centre()``, when the method keeps a centre of its own.
+
+    Args:
+        optimizer: the wrapped optimizer (the gradient force), over ``model``'s parameters.
+        model: the model; its parameters and buffers are packed into flat buffers (values
+            unchanged). Move it to its device before wrapping.
+        period: steps between rounds, an integer >= 1.
+        topology: a ``Topology`` from ``horovod_leader.init``; default: the current one.
+        broadcast_buffers: whether buffers (batch-norm statistics) take part in the rounds.
+
+    Raises:
+        ValueError: on every rank, before any collective, for a bad argument; on every rank
+            together when ranks wrap different models or disagree on a setting.
+    """
+
+    #: used in Horovod collective names and in logs
     name = "wrapper"
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *,
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, period: int,
                  topology: Optional[Topology] = None, broadcast_buffers: bool = True):
+        from horovod_leader.validation import check_int
+
+        self.period = check_int("period", period)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(model, torch.nn.Module):
@@ -295,9 +327,36 @@ class DistributedWrapper:
                                         self._driver)
                           if asynchronous else None)
 
-    def _round(self, number: int):
-        """The refresh as a generator of posted collectives (see ``async_schedule``)."""
-        raise NotImplementedError
+    def _average(self, mean, number: int, joined: bool, refs: Optional[Dict] = None, what: str = "averaging round"):
+        """The mean round of the averaging methods (a generator, for ``yield from``): post
+        ``mean``'s collectives (a ``MeanRound``: the healthy workers' parameters and floating
+        buffers, rank 0's other buffers), turn the sums into means, and copy the other buffers
+        in. Every rank raises ``AllWorkersDiverged`` when no worker is healthy."""
+        results = yield mean.post(self.comm, self.params, self.float_buffers, self._may_contribute() and not joined,
+                                  refs=refs, others=self.other_buffers)
+        if not mean.finish(results):
+            raise self._all_diverged(f"{what} {number}")
+        mean.others.finish(self.other_buffers)
+
+    @abc.abstractmethod
+    def step(self, loss=None) -> None:
+        """One step: the wrapped optimizer's, then a round when one is due. Call it after
+        ``loss.backward()``, with this rank's loss (a 0-d tensor or a float; LSGD needs it)."""
+
+    @abc.abstractmethod
+    def _round(self, number: int, joined: bool = False):
+        """Round ``number`` (1, 2, ...) as a generator of posted collectives: it yields the
+        handles it posted and receives their results (``async_schedule.RefreshDriver``), so
+        the same code serves the synchronous and the asynchronous modes. ``joined``: this
+        rank has closed; it takes part in the collectives, adds nothing and is not pulled."""
+
+    def centre(self) -> Optional[Dict[Any, torch.Tensor]]:
+        """The centre variable the method keeps, ``{key: flat tensor}`` keyed like
+        ``params`` (EASGD's centre, DiLoCo's outer parameters, the one-sided EASGD's shards),
+        or None when the method's centre is the workers' average, which evaluation computes
+        with a collective (LSGD, GRAWA, local SGD, data-parallel SGD). The tensors are the
+        wrapper's own: copy them before changing them."""
+        return None
 
     # ------------------------------------------------------------------ the centre of asynchronous runs
     def request_centre(self) -> None:
@@ -384,8 +443,7 @@ class DistributedWrapper:
             self.comm.wait(self.comm.allreduce_async_(header, name="round.header"))
             if float(header) == 0.0:
                 return
-            self._driver.start(self._round(self._steps // max(getattr(self, "period", 1), 1), joined=True),
-                               block=True)
+            self._driver.start(self._round(self._steps // self.period, joined=True), block=True)
 
     @property
     def rounds_history(self):
@@ -429,9 +487,55 @@ class DistributedWrapper:
     def _world(self) -> Dict[str, Any]:
         return {"size": self.size, "groups": [list(g) for g in self.topology.groups]}
 
-    def _base_state(self) -> Dict[str, Any]:
+    def state_dict(self) -> Dict[str, Any]:
+        """The wrapped optimizer's state, the step count, ``comm_bytes``, the world it came
+        from (``{"size", "groups"}``) and the method's own state, tensors keyed by buffer name."""
         return {"optimizer": self.optimizer.state_dict(), "steps": self._steps, "comm_bytes": self.comm.bytes,
-                "algorithm": type(self).__name__, "world": self._world()}
+                "algorithm": type(self).__name__, "world": self._world(), **self._state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output.
+
+        Raises:
+            ValueError: on every rank alike, when ``state`` is not this wrapper's kind (another
+                wrapper's, an optimizer's), lacks a part, names a buffer this model does not
+                have, or comes from another world where the state depends on it.
+        """
+        self._load_base_state(state, required=self._required_state)
+        self._load_state(state)
+
+    #: the keys of ``_state()`` that ``load_state_dict`` requires
+    _required_state: tuple = ()
+
+    def _state(self) -> Dict[str, Any]:
+        """The method's own part of ``state_dict()``."""
+        return {}
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        """Restore ``_state()``'s part."""
+
+    def _named(self, tensors: Dict[Any, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``{buffer name: a copy}`` for tensors keyed like the packed buffers."""
+        return {key_name(key): tensor.detach().clone() for key, tensor in tensors.items()}
+
+    def _match_named(self, saved, flats: Dict[Any, FlatBuffer], what: str) -> Dict[Any, torch.Tensor]:
+        """``{key: tensor}`` from ``saved`` (``_named``'s output), keys matched by name. A name
+        this model does not have is refused; a list (positional, from older versions) is
+        matched in packing order."""
+        if isinstance(saved, (list, tuple)):
+            saved = {key_name(key): tensor for key, tensor in zip(flats, saved)}
+        names = {key_name(key): key for key in flats}
+        unknown = sorted(set(saved) - set(names))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: {what} holds buffers {unknown} that this model "
+                             f"does not have (it has {sorted(names)})")
+        return {names[name]: tensor for name, tensor in saved.items()}
+
+    def _restore_named(self, saved, flats: Dict[Any, FlatBuffer], what: str, into: Dict[Any, torch.Tensor]) -> None:
+        """Copy ``saved`` into ``into`` (``_match_named``), creating each tensor where missing
+        (``flat.accumulator()``: on the parameters' device, whatever the checkpoint's)."""
+        for key, tensor in self._match_named(saved, flats, what).items():
+            into.setdefault(key, flats[key].accumulator()).copy_(tensor)
 
     def _load_base_state(self, state: Dict[str, Any], required=()) -> None:
         """Check that ``state`` is this wrapper's kind of state dict, then restore the common part."""

@@ -49,7 +49,7 @@ class DataParallel(DistributedWrapper):
         passes = check_int("backward_passes_per_step", backward_passes_per_step)
         self.backward_passes_per_step = passes
         self._distributed_kwargs = distributed_kwargs
-        super().__init__(optimizer, model, topology=topology, broadcast_buffers=False)
+        super().__init__(optimizer, model, period=1, topology=topology, broadcast_buffers=False)
         import horovod.torch as hvd
 
         # Horovod's optimizer is a second optimizer object over the same param groups: only its
@@ -116,6 +116,11 @@ class DataParallel(DistributedWrapper):
         self._synchronized = False
         self._horovod._synchronized = False  # Horovod's own step is not used: reset its flag alike
 
+    def _round(self, number: int, joined: bool = False):
+        """Never called: data-parallel SGD has no rounds. Horovod's gradient hooks all-reduce
+        every gradient at every step."""
+        raise NotImplementedError("DataParallel has no rounds: Horovod's hooks all-reduce every gradient")
+
     def _join_rounds(self) -> None:
         """No rounds: ``hvd.join()`` (in ``close``) lets a rank that stopped early take part in
         the others' gradient all-reduces with zeros."""
@@ -126,8 +131,3 @@ class DataParallel(DistributedWrapper):
         else:
             self.optimizer.zero_grad(set_to_none=False)
 
-    def state_dict(self) -> Dict[str, Any]:
-        return self._base_state()
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._load_base_state(state)

@@ -5,10 +5,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from horovod_leader.compression import check_compression
+from horovod_leader.compression import Codec, check_compression, name_of
 from horovod_leader.optim.averaging import MeanRound, replace_all_
 from horovod_leader.optim.base import DistributedWrapper
-from horovod_leader.validation import check_bool, check_int, check_real
+from horovod_leader.validation import check_bool, check_real
 
 
 class DiLoCo(DistributedWrapper):
@@ -43,25 +43,31 @@ class DiLoCo(DistributedWrapper):
         optimizer: the inner optimizer over ``model``'s parameters.
         model: the model; rank 0's parameters and buffers are broadcast to every rank
             at construction and become the first :math:`\theta`.
-        period: H, inner steps per round (default 500, the paper's; small models want fewer).
+        period: H, inner steps per round (default ``DEFAULT_PERIOD`` = 500, the paper's; the
+            training command's default is 32, ``CLI_PERIOD``: its small models and short
+            runs would see a handful of outer steps at 500).
         outer_lr: :math:`\eta_{out}` (paper: 0.7).
         outer_momentum: :math:`\mu` (paper: 0.9).
         nesterov: Nesterov momentum (paper: True).
     """
 
     name = "diloco"
+    DEFAULT_PERIOD = 500
+    CLI_PERIOD = 32  # the training command's default; see ``period`` above
+    DEFAULT_OUTER_LR = 0.7
+    DEFAULT_OUTER_MOMENTUM = 0.9
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 500,
-                 outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True, *,
-                 compression: Optional[str] = None, broadcast_buffers: bool = True, topology=None):
-        self.period = check_int("period", period)
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = DEFAULT_PERIOD,
+                 outer_lr: float = DEFAULT_OUTER_LR, outer_momentum: float = DEFAULT_OUTER_MOMENTUM,
+                 nesterov: bool = True, *, compression: Optional[str | Codec] = None, broadcast_buffers: bool = True,
+                 topology=None):
         self.outer_lr = check_real("outer_lr", outer_lr, 0.0, float("inf"), low_open=True)
         self.outer_momentum = check_real("outer_momentum", outer_momentum, 0.0, 1.0, high_open=True)
         self.nesterov = check_bool("nesterov", nesterov)
         if self.nesterov and self.outer_momentum == 0.0:
             raise ValueError("nesterov=True needs outer_momentum > 0 (as torch.optim.SGD)")
         self.compression = check_compression(compression)
-        super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
+        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers)
         self._mean = MeanRound(self.compression)
         # Every worker starts each round from the same outer parameters: rank 0's, to begin with.
         for name, flat in self._exchanged().items():
@@ -77,7 +83,13 @@ class DiLoCo(DistributedWrapper):
 
     def _settings(self) -> Dict[str, Any]:
         return {**super()._settings(), "period": self.period, "outer_lr": self.outer_lr,
-                "outer_momentum": self.outer_momentum, "nesterov": self.nesterov, "compression": self.compression}
+                "outer_momentum": self.outer_momentum, "nesterov": self.nesterov,
+                "compression": name_of(self.compression)}
+
+    def centre(self) -> Dict[Any, torch.Tensor]:
+        """The outer parameters :math:`\theta`, alike on every rank: what every worker
+        restarts from after a round (float32 for a half-precision model)."""
+        return self.outer
 
     def step(self, loss=None) -> None:
         """One inner step; every ``period`` steps, the outer round."""
@@ -86,12 +98,7 @@ class DiLoCo(DistributedWrapper):
     def _round(self, number: int, joined: bool = False):
         """Average, outer step, restart; ``joined``: this rank has closed and adds nothing."""
         healthy = self._healthy()
-        refs = {key: p.data for key, p in zip(self.outer, self._outer_params)}
-        results = yield self._mean.post(self.comm, self.params, self.float_buffers,
-                                        self._may_contribute() and not joined, refs=refs, others=self.other_buffers)
-        if not self._mean.finish(results):
-            raise self._all_diverged(f"outer round {number}")
-        self._mean.others.finish(self.other_buffers)
+        yield from self._average(self._mean, number, joined, refs=self.outer, what="outer round")
         with torch.no_grad():
             for (key, outer), mean in zip(zip(self.outer, self._outer_params), self._mean.params.values()):
                 outer.grad = (outer.data - mean).to(outer.dtype)  # the pseudo-gradient
@@ -105,14 +112,11 @@ class DiLoCo(DistributedWrapper):
         if not healthy:
             self._log_recovery("the new outer parameters")
 
-    def state_dict(self) -> Dict[str, Any]:
-        state = self._base_state()
-        state["outer"] = [p.data.clone() for p in self._outer_params]
-        state["outer_optimizer"] = self.outer_optimizer.state_dict()
-        return state
+    _required_state = ("outer", "outer_optimizer")
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._load_base_state(state, required=("outer", "outer_optimizer"))
-        for p, saved in zip(self._outer_params, state["outer"]):
-            p.data.copy_(saved)
+    def _state(self) -> Dict[str, Any]:
+        return {"outer": self._named(self.outer), "outer_optimizer": self.outer_optimizer.state_dict()}
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        self._restore_named(state["outer"], self.params, "outer", self.outer)  # in place: the outer SGD's parameters
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])

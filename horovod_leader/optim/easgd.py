@@ -5,10 +5,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from horovod_leader.compression import check_compression
+from horovod_leader.compression import Codec, check_compression, name_of
 from horovod_leader.optim.averaging import MeanRound, post_weighted_sum, pull_toward_, replace_all_
 from horovod_leader.optim.base import DistributedWrapper
-from horovod_leader.validation import check_bool, check_int, check_real
+from horovod_leader.validation import check_bool, check_real
 
 
 class EASGD(DistributedWrapper):
@@ -42,29 +42,35 @@ class EASGD(DistributedWrapper):
     """
 
     name = "easgd"
+    DEFAULT_PERIOD = 4
+    DEFAULT_BETA = 0.9  # the EASGD paper's; the LSGD authors' code uses 0.43 (``--preset paper``)
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4,
-                 beta: float = 0.9, alpha: Optional[float] = None, *, asynchronous: bool = False,
-                 compression: Optional[str] = None, broadcast_buffers: bool = True, topology=None):
-        self.period = check_int("period", period)
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = DEFAULT_PERIOD,
+                 beta: float = DEFAULT_BETA, alpha: Optional[float] = None, *, asynchronous: bool = False,
+                 compression: Optional[str | Codec] = None, broadcast_buffers: bool = True, topology=None):
         self.beta = check_real("beta", beta, 0.0, 1.0, low_open=True)
         if alpha is not None:
             check_real("alpha", alpha, 0.0, 1.0, low_open=True)
         self._alpha_given = None if alpha is None else float(alpha)
         self._asynchronous_given = check_bool("asynchronous", asynchronous)
         self.compression = check_compression(compression)
-        super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
+        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers)
         self.alpha = self.beta / self.size if alpha is None else float(alpha)
         self._mean = MeanRound(self.compression)
-        self.centre: Dict[Any, torch.Tensor] = {}
-        for handle in post_weighted_sum(self.comm, self.params, self.centre, torch.tensor([1.0 / self.size]), True,
+        self._centre: Dict[Any, torch.Tensor] = {}  # x~, replicated alike on every rank
+        for handle in post_weighted_sum(self.comm, self.params, self._centre, torch.tensor([1.0 / self.size]), True,
                                         "init"):
             self.comm.wait(handle)
         self._setup_rounds(asynchronous, self.period)
 
     def _settings(self) -> Dict[str, Any]:
         return {**super()._settings(), "period": self.period, "beta": self.beta, "alpha": self._alpha_given,
-                "asynchronous": self._asynchronous_given, "compression": self.compression}
+                "asynchronous": self._asynchronous_given, "compression": name_of(self.compression)}
+
+    def centre(self) -> Dict[Any, torch.Tensor]:
+        """The centre variable :math:`\tilde x`, replicated alike on every rank (float32 for a
+        half-precision model)."""
+        return self._centre
 
     def step(self, loss=None) -> None:
         """One step of the wrapped optimizer; every ``period`` steps, the elastic round."""
@@ -74,16 +80,11 @@ class EASGD(DistributedWrapper):
         """One elastic round; ``joined``: this rank has closed, adds nothing and is not pulled,
         but keeps its replica of the centre up to date."""
         healthy = self._healthy() or joined
-        results = yield self._mean.post(self.comm, self.params, self.float_buffers,
-                                        self._may_contribute() and not joined, refs=self.centre,
-                                        others=self.other_buffers)
-        if not self._mean.finish(results):
-            raise self._all_diverged(f"elastic round {number}")
-        self._mean.others.finish(self.other_buffers)
+        yield from self._average(self._mean, number, joined, refs=self._centre, what="elastic round")
         mean = self._mean.params
         with torch.no_grad():
             for key, flat in self.params.items():
-                centre = self.centre[key]
+                centre = self._centre[key]
                 if healthy and not joined:  # the elastic pull uses the centre before its own update
                     pull_toward_(flat, centre, self.alpha)
                 centre.mul_(1.0 - self.beta).add_(mean[key], alpha=self.beta)
@@ -95,12 +96,10 @@ class EASGD(DistributedWrapper):
         if not healthy:
             self._log_recovery("the EASGD centre")
 
-    def state_dict(self) -> Dict[str, Any]:
-        state = self._base_state()
-        state["centre"] = [self.centre[key].clone() for key in self.params]
-        return state
+    _required_state = ("centre",)
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._load_base_state(state, required=("centre",))
-        for key, centre in zip(self.params, state["centre"]):
-            self.centre[key].copy_(centre)
+    def _state(self) -> Dict[str, Any]:
+        return {"centre": self._named(self._centre)}
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        self._restore_named(state["centre"], self.params, "centre", self._centre)

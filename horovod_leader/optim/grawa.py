@@ -6,10 +6,10 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from horovod_leader import grawa_weights
-from horovod_leader.compression import check_compression
+from horovod_leader.compression import Codec, check_compression, name_of
 from horovod_leader.optim.averaging import CompressedGather, CopyFromRoot, post_weighted_sum, pull_toward_, replace_all_
 from horovod_leader.optim.base import DistributedWrapper
-from horovod_leader.validation import check_bool, check_fraction, check_int, check_real
+from horovod_leader.validation import check_bool, check_fraction, check_real
 
 
 class GRAWA(DistributedWrapper):
@@ -59,12 +59,13 @@ class GRAWA(DistributedWrapper):
     """
 
     name = "grawa"
+    DEFAULT_PERIOD = 32
+    DEFAULT_PULL = 0.5
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 32,
-                 pull: float = 0.5, layerwise: bool = False, prox: float = 0.0, norm_decay: float = 0.0, *,
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = DEFAULT_PERIOD,
+                 pull: float = DEFAULT_PULL, layerwise: bool = False, prox: float = 0.0, norm_decay: float = 0.0, *,
                  fresh_loss: Optional[Callable[[torch.nn.Module], Any]] = None, asynchronous: bool = False,
-                 compression: Optional[str] = None, broadcast_buffers: bool = True, topology=None):
-        self.period = check_int("period", period)
+                 compression: Optional[str | Codec] = None, broadcast_buffers: bool = True, topology=None):
         self.pull = check_fraction("pull", pull)
         self.layerwise = check_bool("layerwise", layerwise)
         self.prox = check_fraction("prox", prox)
@@ -75,7 +76,7 @@ class GRAWA(DistributedWrapper):
         self.fresh_loss = fresh_loss
         self.compression = check_compression(compression)
         self._asynchronous_given = check_bool("asynchronous", asynchronous)
-        super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
+        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers)
         self._tensors = [t for flat in self.params.values() for t in flat.tensors]  # packing order
         self._smoother = grawa_weights.NormSmoother(self.norm_decay)
         self._centre: Dict[Any, torch.Tensor] = {}     # last centre received (prox pulls toward it)
@@ -90,7 +91,7 @@ class GRAWA(DistributedWrapper):
     def _settings(self) -> Dict[str, Any]:
         return {**super()._settings(), "period": self.period, "pull": self.pull, "layerwise": self.layerwise,
                 "prox": self.prox, "norm_decay": self.norm_decay, "fresh_loss": self.fresh_loss is not None,
-                "asynchronous": self._asynchronous_given, "compression": self.compression}
+                "asynchronous": self._asynchronous_given, "compression": name_of(self.compression)}
 
     def step(self, loss=None) -> None:
         """One step of the wrapped optimizer; then an averaging round when one is due."""
@@ -179,14 +180,12 @@ class GRAWA(DistributedWrapper):
                         view.div_(total)
                 offset += len(flat.tensors)
 
-    def state_dict(self) -> Dict[str, Any]:
-        state = self._base_state()
-        state["smoother"] = self._smoother.state_dict()
-        state["centre"] = [self._centre[key].clone() for key in self.params if key in self._centre]
-        return state
+    _required_state = ("smoother", "centre")
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._load_base_state(state, required=("smoother", "centre"))
+    def _state(self) -> Dict[str, Any]:
+        # the last weighted centre: the proximal pull's target and the compressed rounds' reference
+        return {"smoother": self._smoother.state_dict(), "centre": self._named(self._centre)}
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
         self._smoother.load_state_dict(state["smoother"])
-        for (key, flat), centre in zip(self.params.items(), state["centre"]):
-            self._centre.setdefault(key, flat.accumulator()).copy_(centre)
+        self._restore_named(state["centre"], self.params, "centre", self._centre)

@@ -5,37 +5,51 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from horovod_leader.compression import check_compression
+from horovod_leader.compression import Codec, check_compression, name_of
 from horovod_leader.optim.averaging import MeanRound, replace_all_
 from horovod_leader.optim.base import DistributedWrapper
-from horovod_leader.validation import check_int
 
 
 class LocalSGD(DistributedWrapper):
-    r"""Every worker steps on its own; at the k-th ``step`` with ``period`` dividing k, after
-    the optimizer's step, every worker is replaced by the plain average
+    r"""Local SGD, or periodic model averaging (the baseline of the LSGD and GRAWA papers).
+
+    Every worker steps on its own; at the k-th ``step`` with ``period`` dividing k, after the
+    optimizer's step, every worker is replaced by the plain average
     :math:`\bar x = \frac1p \sum_i x_i` (and floating buffers by theirs).
 
     One all-reduce of the packed parameters per round (with a one-number count of the healthy
     workers, those whose parameters and floating buffers are finite: a diverged worker
     contributes nothing and is reset). When no worker is healthy, every rank raises
-    ``AllWorkersDiverged``. ``compression="bf16"``/``"int8"``: each worker sends its difference
-    from the last average, compressed, in an all-gather (``horovod_leader.compression``).
+    ``AllWorkersDiverged``.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters.
+        model: the model (see ``DistributedWrapper``).
+        period: :math:`\tau`, steps between averages (default ``DEFAULT_PERIOD`` = 4).
+        compression: ``None``, ``"bf16"`` or ``"int8"``: each worker sends its difference from
+            the last average, compressed, in an all-gather (``horovod_leader.compression``).
+        broadcast_buffers: average the floating buffers too (batch-norm statistics).
+        topology: a ``Topology`` from ``horovod_leader.init``; default: the current one.
+
+    Example::
+
+        opt = hl.LocalSGD(torch.optim.SGD(model.parameters(), lr=0.1), model, period=16)
+        loss.backward(); opt.step(loss)
     """
 
     name = "localsgd"
+    DEFAULT_PERIOD = 4
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4, *,
-                 compression: Optional[str] = None, broadcast_buffers: bool = True, topology=None):
-        self.period = check_int("period", period)
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = DEFAULT_PERIOD, *,
+                 compression: Optional[str | Codec] = None, broadcast_buffers: bool = True, topology=None):
         self.compression = check_compression(compression)
-        super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
+        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers)
         self._mean = MeanRound(self.compression)
         self._last_average: Dict = {}  # the reference of compressed rounds: the same on every rank
         self._setup_rounds(False, self.period)
 
     def _settings(self) -> Dict[str, Any]:
-        return {**super()._settings(), "period": self.period, "compression": self.compression}
+        return {**super()._settings(), "period": self.period, "compression": name_of(self.compression)}
 
     def step(self, loss=None) -> None:
         """One step of the wrapped optimizer; every ``period`` steps, the averaging round."""
@@ -44,12 +58,7 @@ class LocalSGD(DistributedWrapper):
     def _round(self, number: int, joined: bool = False):
         """One averaging round; ``joined``: this rank has closed and only takes part."""
         healthy = self._healthy()
-        results = yield self._mean.post(self.comm, self.params, self.float_buffers,
-                                        self._may_contribute() and not joined, refs=self._last_average,
-                                        others=self.other_buffers)
-        if not self._mean.finish(results):
-            raise self._all_diverged(f"averaging round {number}")
-        self._mean.others.finish(self.other_buffers)
+        yield from self._average(self._mean, number, joined, refs=self._last_average)
         if self.compression:
             self._last_average = {key: mean.clone() for key, mean in self._mean.params.items()}
         if joined:
@@ -59,15 +68,10 @@ class LocalSGD(DistributedWrapper):
         if not healthy:
             self._log_recovery("the average of the healthy workers")
 
-    def state_dict(self) -> Dict[str, Any]:
-        state = self._base_state()
+    def _state(self) -> Dict[str, Any]:
         # the reference of compressed rounds: without it a resumed run would send whole weights
-        state["last_average"] = [self._last_average[key].clone() for key in self.params if key in self._last_average]
-        return state
+        return {"last_average": self._named(self._last_average)}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._load_base_state(state)
+    def _load_state(self, state: Dict[str, Any]) -> None:
         self._last_average = {}
-        for (key, flat), mean in zip(self.params.items(), state.get("last_average") or []):
-            # on the parameters' device, whatever map_location the checkpoint was loaded with
-            self._last_average[key] = flat.accumulator().copy_(mean)
+        self._restore_named(state.get("last_average") or {}, self.params, "last_average", self._last_average)

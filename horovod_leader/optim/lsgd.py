@@ -12,10 +12,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from horovod_leader import compression, fused
-from horovod_leader.compression import check_compression
+from horovod_leader import fused
+from horovod_leader.compression import Codec, check_compression, name_of
 from horovod_leader.election import ScoreWindow, elect_all
-from horovod_leader.flat import key_name
+from horovod_leader.packing import key_name
 from horovod_leader.optim.base import DistributedWrapper
 from horovod_leader.optim.two_force import TwoForceStep
 from horovod_leader.validation import check_bool, check_fraction, check_int, check_multiple
@@ -77,9 +77,12 @@ class LSGD(DistributedWrapper):
         optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters.
         model: the model; its parameters and buffers are packed into flat buffers (values
             unchanged). Move it to its device before wrapping.
-        period: local refresh period :math:`\tau` (default 4).
+        period: local refresh period :math:`\tau` (default ``DEFAULT_PERIOD`` = 4).
         global_period: global refresh period :math:`\tau_G`, a multiple of ``period``
-            (default: ``period``). The authors use :math:`\tau_G \in \{4, 16, 64\}`, :math:`\tau = \tau_G/4`.
+            (default: ``period``, so that one group refreshes every ``period`` steps). The
+            authors use :math:`\tau_G \in \{4, 16, 64\}`, :math:`\tau = \tau_G/4`, which is the
+            training command's default (``CLI_GLOBAL_PERIOD_FACTOR`` x ``--period``): it follows
+            the authors' protocol, where the library keeps the single-level default.
         local_pull: :math:`\lambda`, in [0, 1] (authors' default 0.1).
         global_pull: :math:`\lambda_G`, in [0, 1] (authors' default 0.1).
         prox: per-step proximal pull p, in [0, 1] (authors use 0.1; default 0, off).
@@ -102,27 +105,31 @@ class LSGD(DistributedWrapper):
         return {**super()._settings(), "period": self.period, "global_period": self.global_period,
                 "local_pull": self.local_pull, "global_pull": self.global_pull, "prox": self.prox,
                 "score_window": self.scores.window, "asynchronous": self._asynchronous_given,
-                "compression": self.compression, "fused": self._fused_given}
+                "compression": name_of(self.compression), "fused": self._fused_given}
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4,
-                 global_period: Optional[int] = None, local_pull: float = 0.1, global_pull: float = 0.1,
-                 prox: float = 0.0, score_window: Optional[int] = None, *, asynchronous: bool = False,
-                 compression: Optional[str] = None, broadcast_buffers: bool = True, fused: Optional[bool] = None,
-                 topology=None):
+    DEFAULT_PERIOD = 4
+    DEFAULT_PULL = 0.1  # lambda and lambda_G, the authors' (LSGD code train.sh: c1 = c2 = 0.1)
+    CLI_GLOBAL_PERIOD_FACTOR = 4  # the training command's tau_G = 4 tau (see ``global_period``)
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = DEFAULT_PERIOD,
+                 global_period: Optional[int] = None, local_pull: float = DEFAULT_PULL,
+                 global_pull: float = DEFAULT_PULL, prox: float = 0.0, score_window: Optional[int] = None, *,
+                 asynchronous: bool = False, compression: Optional[str | Codec] = None, broadcast_buffers: bool = True,
+                 fused: Optional[bool] = None, topology=None):
         # Validate everything before the base class communicates.
-        self.period = check_int("period", period)
-        self.global_period = self.period if global_period is None else check_int("global_period", global_period)
-        check_multiple("global_period", self.global_period, "period", self.period)
+        period = check_int("period", period)
+        self.global_period = period if global_period is None else check_int("global_period", global_period)
+        check_multiple("global_period", self.global_period, "period", period)
         self.local_pull = check_fraction("local_pull", local_pull)
         self.global_pull = check_fraction("global_pull", global_pull)
         self.prox = check_fraction("prox", prox)
-        self.scores = ScoreWindow(self.period if score_window is None else check_int("score_window", score_window))
+        self.scores = ScoreWindow(period if score_window is None else check_int("score_window", score_window))
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         self._asynchronous_given = check_bool("asynchronous", asynchronous)
         self._fused_given = fused
         self.compression = check_compression(compression)
-        super().__init__(optimizer, model, topology=topology, broadcast_buffers=broadcast_buffers)
+        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers)
         self._update = TwoForceStep(optimizer, self.params, allow_fused=fused is not False)
         if fused is True and not self._update.fuse_allowed:
             raise ValueError("fused=True needs a torch.optim.SGD optimizer (the fused kernel is SGD's update)")
@@ -137,7 +144,8 @@ class LSGD(DistributedWrapper):
         self._copy_source: Dict[str, Optional[int]] = {"local": None, "global": None}
         self._incoming: Dict[str, Dict[str, torch.Tensor]] = {"local": {}, "global": {}}
         self._payloads: Dict[str, list] = {"local": [], "global": []}  # compressed broadcasts in flight
-        self._setup_rounds(asynchronous, self.period if self._multi else self.global_period)
+        self._unit = self.period if self._multi else self.global_period  # steps per round
+        self._setup_rounds(asynchronous, self._unit)
 
     # ------------------------------------------------------------------ public state
     @property
@@ -166,11 +174,9 @@ class LSGD(DistributedWrapper):
         if self.asynchronous:
             self._async_step()
             return
-        local_refresh = self._multi and k % self.period == 0
-        global_refresh = k % self.global_period == 0
         got_local = got_global = False
-        if local_refresh or global_refresh:
-            self._driver.start(self._elect_and_receive(local_refresh, global_refresh), block=True)
+        if k % self._unit == 0:
+            self._driver.start(self._round(k // self._unit), block=True)
             got_local, got_global, healthy = self._driver.result
             if not healthy and (got_local or got_global):
                 self._recover("global" if got_global else "local")
@@ -245,12 +251,22 @@ class LSGD(DistributedWrapper):
         """Synchronous close: take part in the others' refreshes (never leading, never pulled)
         until every rank has closed."""
         while True:
-            self._driver.start(self._elect_and_receive(False, False, joined=True), block=True)
+            self._driver.start(self._round(self._steps // self._unit, joined=True), block=True)
             if self._driver.result is None:
                 return
 
+    def _round(self, number: int, joined: bool = False):
+        """Refresh ``number``, at step ``number * unit`` (``unit``: ``period`` with several
+        groups, ``global_period`` with one): synchronous (``_elect_and_receive``: local with
+        several groups, global when ``global_period`` divides the step; a ``joined`` rank
+        learns which from the gathered rows) or asynchronous (``_async_refresh``)."""
+        if self.asynchronous:
+            return (yield from self._async_refresh(number))
+        global_ = (number * self._unit) % self.global_period == 0
+        return (yield from self._elect_and_receive(self._multi, global_, joined))
+
     # ------------------------------------------------------------------ asynchronous round
-    def _round(self, number: int):
+    def _async_refresh(self, number: int):
         """Asynchronous round ``number``: gather the scores and, at the same time, receive the
         copies of the leaders elected in the previous round; then pull toward them."""
         global_ = (number * self._schedule.unit) % (self.size * self.global_period) == 0
@@ -303,9 +319,9 @@ class LSGD(DistributedWrapper):
             if self.compression and name.startswith("param."):  # buffers travel uncompressed
                 ref = self._copies[level].get(name)
                 if self.rank == leader:
-                    payload = compression.encode(self.compression, source - ref if ref is not None else source)
+                    payload = self.compression.encode(source - ref if ref is not None else source)
                 else:
-                    payload = compression.payload_like(self.compression, flat.numel, flat.flat.device)
+                    payload = self.compression.payload_like(flat.numel, flat.flat.device)
                 self._payloads[level].append((name, ref, payload))
                 handles += [self.comm.broadcast_async_(part, leader, name=f"{level}.{name}.{j}", process_set=process_set)
                             for j, part in enumerate(payload)]
@@ -319,7 +335,7 @@ class LSGD(DistributedWrapper):
         """The copy in flight becomes the current one (unless it is not finite)."""
         incoming = self._incoming[level]
         for name, ref, payload in self._payloads[level]:  # decode compressed copies: ref + difference
-            decoded = compression.decode(self.compression, payload, incoming[name].numel())
+            decoded = self.compression.decode(payload, incoming[name].numel())
             incoming[name].copy_(decoded + ref if ref is not None else decoded)
         self._payloads[level] = []
         if check_finite and not all(self._constants.finite(name, t) for name, t in incoming.items()
@@ -359,19 +375,15 @@ class LSGD(DistributedWrapper):
         self.scores = ScoreWindow(self.scores.window)
 
     # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> Dict[str, Any]:
-        state = self._base_state()
-        state.update({
-            "scores": self.scores.state_dict(),
-            "local_leader": self._local_leader,
-            "global_leader": self._global_leader,
-            "copy_source": dict(self._copy_source),
-            "copies": {level: {name: t.clone() for name, t in copies.items()} for level, copies in self._copies.items()},
-        })
-        return state
+    _required_state = ("scores", "local_leader", "global_leader", "copies")
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._load_base_state(state, required=("scores", "local_leader", "global_leader", "copies"))
+    def _state(self) -> Dict[str, Any]:
+        return {"scores": self.scores.state_dict(), "local_leader": self._local_leader,
+                "global_leader": self._global_leader, "copy_source": dict(self._copy_source),
+                "copies": {level: {name: t.clone() for name, t in copies.items()}
+                           for level, copies in self._copies.items()}}
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
         self.scores.load_state_dict(state["scores"])
         self._local_leader = state["local_leader"]
         self._global_leader = state["global_leader"]

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from horovod_leader.optim.base import DistributedWrapper
-from horovod_leader.validation import check_int, check_real
+from horovod_leader.packing import key_name
+from horovod_leader.validation import check_real
 
 
 def shard_bounds(numel: int, size: int) -> List[Tuple[int, int]]:
@@ -62,13 +63,14 @@ class OneSidedEASGD(DistributedWrapper):
 
     name = "easgd1s"
     _state_world_keys = ("size",)  # each rank holds its own shard of the centre
+    DEFAULT_PERIOD = 4
+    DEFAULT_BETA = 0.9
 
     def _settings(self) -> Dict[str, Any]:
         return {**super()._settings(), "period": self.period, "beta": self.beta, "alpha": self._alpha_given}
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = 4,
-                 beta: float = 0.9, alpha=None, *, topology=None):
-        self.period = check_int("period", period)
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = DEFAULT_PERIOD,
+                 beta: float = DEFAULT_BETA, alpha=None, *, topology=None):
         self.beta = check_real("beta", beta, 0.0, 1.0, low_open=True)
         if alpha is not None:
             check_real("alpha", alpha, 0.0, 1.0, low_open=True)
@@ -79,7 +81,7 @@ class OneSidedEASGD(DistributedWrapper):
             if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64):
                 raise ValueError(f"model: OneSidedEASGD needs CPU float32/float64 parameters (MPI windows live in "
                                  f"host memory); parameter {name!r} is {p.dtype} on {p.device}")
-        super().__init__(optimizer, model, topology=topology, broadcast_buffers=False)
+        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=False)
         self.alpha = self.beta / self.size if alpha is None else float(alpha)
         self.asynchronous = True
         self.one_sided_bytes = 0
@@ -87,7 +89,7 @@ class OneSidedEASGD(DistributedWrapper):
 
     # ------------------------------------------------------------------ windows
     def _open_windows(self) -> None:
-        from horovod_leader.topology import require_mpi
+        from horovod_leader.launcher import require_mpi
 
         require_mpi("OneSidedEASGD")
         from mpi4py import MPI
@@ -135,7 +137,15 @@ class OneSidedEASGD(DistributedWrapper):
         self._begin_step(loss)
         self.optimizer.step()
         if self._steps % self.period == 0:
-            self._elastic_update()
+            for _ in self._round(self._steps // self.period):
+                pass
+
+    def _round(self, number: int, joined: bool = False):
+        """The elastic update: one-sided reads and additions, no collective, so it posts
+        nothing (a generator that yields nothing). It never runs for a closed rank."""
+        self._elastic_update()
+        return
+        yield  # noqa: the body above makes this a generator that posts no collective
 
     def _elastic_update(self) -> None:
         MPI = self._MPI
@@ -169,7 +179,14 @@ class OneSidedEASGD(DistributedWrapper):
             self._log_recovery("the EASGD centre")
 
     def centre(self) -> Dict[Any, torch.Tensor]:
-        """The whole centre, read one-sidedly from every shard (for evaluation)."""
+        """The whole centre: read one-sidedly from every shard while the wrapper is open (no
+        collective: any rank may call it alone); after ``close()``, gathered from every rank's
+        final shard with one Horovod all-gather per packed buffer, so every rank must call it."""
+        if self._closed:
+            import horovod.torch as hvd
+
+            return {key: hvd.allgather(torch.from_numpy(self._final_shards[key].copy()),
+                                       name=f"{self.name}.centre_shards.{key_name(key)}") for key in self.params}
         MPI = self._MPI
         out = {}
         for key, flat in self.params.items():
@@ -207,20 +224,22 @@ class OneSidedEASGD(DistributedWrapper):
         dtype = np.float32 if shard["type"] == self._MPI.FLOAT else np.float64
         return np.frombuffer(shard["window"].tomemory(), dtype=dtype)[: hi - lo]
 
-    def state_dict(self) -> Dict[str, Any]:
-        """This rank's state and its shard of the centre (every rank saves its own)."""
-        state = self._base_state()
-        state["one_sided_bytes"] = self.one_sided_bytes
-        state["centre_shard"] = [torch.from_numpy(self._my_shard(key).copy()) for key in self.params]
-        return state
+    _required_state = ("centre_shard",)
+
+    def _state(self) -> Dict[str, Any]:
+        """This rank's shard of the centre (every rank saves its own)."""
+        return {"one_sided_bytes": self.one_sided_bytes,
+                "centre_shard": {key_name(key): torch.from_numpy(self._my_shard(key).copy()) for key in self.params}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if self._closed:
             raise RuntimeError("OneSidedEASGD.load_state_dict: the wrapper is closed (its windows are freed)")
-        self._load_base_state(state, required=("centre_shard",))
+        super().load_state_dict(state)
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
         self.one_sided_bytes = int(state.get("one_sided_bytes", 0))
         rank = self._comm.Get_rank()
-        for key, saved in zip(self.params, state["centre_shard"]):
+        for key, saved in self._match_named(state["centre_shard"], self.params, "centre_shard").items():
             window, mine = self._shards[key]["window"], self._my_shard(key)
             if saved.numel() != mine.size:
                 raise ValueError(f"state_dict's centre shard has {saved.numel()} elements, this rank's has "

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from horovod_leader import fused
-from horovod_leader.flat import FlatBuffer
+from horovod_leader.packing import FlatBuffer
 
 _SGD_HYPERPARAMS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 log = logging.getLogger("horovod_leader")

@@ -5,7 +5,7 @@
 * **centre**: every method's headline, as the authors report it: the workers' average
   x̄ = (1/p) Σ_i x_i, with batch-norm statistics re-estimated (LSGD, GRAWA, local SGD,
   data-parallel SGD); for the methods that keep a centre of their own, that one
-  (``stored_centre``): EASGD's centre variable x̃, the one-sided EASGD's centre gathered
+  (the wrapper's ``centre()``): EASGD's centre variable x̃, the one-sided EASGD's centre gathered
   from its shards, DiLoCo's outer parameters θ (what every worker restarts from).
   Asynchronous runs measure it on rank 0 alone, between rounds: EASGD's replica, the
   one-sided EASGD's shards read one-sidedly, or else a snapshot of the average taken at a
@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from horovod_leader.flat import key_name
+from horovod_leader.packing import key_name
 
 
 def count_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device, batch: int = 1024) -> int:
@@ -90,31 +90,16 @@ def merge_batch_norm(model: nn.Module, seen: int, hvd, process_set, name: str) -
         m.num_batches_tracked.fill_(int(total))
 
 
-def stored_centre(opt, hvd) -> Optional[Dict]:
-    """{key: flat tensor} matching ``opt.params`` for the methods whose centre is a variable of
-    their own, or None when the centre is the workers' average. For the one-sided EASGD every
-    rank must call it (its shards are gathered in one all-gather per packed buffer); that
-    works after ``close()`` too, from each rank's final shard."""
-    from horovod_leader.optim import EASGD, DiLoCo, OneSidedEASGD
-
-    if isinstance(opt, EASGD):
-        return opt.centre
-    if isinstance(opt, DiLoCo):
-        return opt.outer
-    if isinstance(opt, OneSidedEASGD):
-        shards = opt.state_dict()["centre_shard"]  # this rank's contiguous slice, rank order
-        return {key: hvd.allgather(shard.contiguous(), name=f"train.centre_shards.{key_name(key)}")
-                for key, shard in zip(opt.params, shards)}
-    return None
-
-
 class Evaluator:
     """Measures a run's accuracies; every rank calls ``record`` at the same step (except the
     intermediate evaluations of asynchronous runs, where only rank 0 measures its worker)."""
 
     def __init__(self, model: nn.Module, opt, algo: str, pipeline, test_set, topo, hvd, device,
                  bn_batches: Optional[int] = 20, asynchronous: bool = False):
+        from horovod_leader.registry import METHODS
+
         self.model, self.opt, self.algo, self.pipeline = model, opt, algo, pipeline
+        self.has_leader = METHODS[algo].leader
         self.topo, self.hvd, self.device = topo, hvd, device
         self.bn_batches = bn_batches  # None: a full pass
         self.asynchronous = asynchronous
@@ -154,9 +139,9 @@ class Evaluator:
     def centre(self, process_set, position: int, members: int, name: str, own_centre: bool = False) -> nn.Module:
         """The members' average with batch-norm statistics re-estimated (identical on every
         member); this member is at ``position`` of ``members``. ``own_centre`` (every rank, the
-        global set): the method's own centre where it keeps one (``stored_centre``) instead of
+        global set): the method's own centre where it keeps one (``wrapper.centre()``) instead of
         the average."""
-        stored = stored_centre(self.opt, self.hvd) if own_centre else None
+        stored = self.opt.centre() if own_centre else None
         centre = self.average_model(process_set, f"{name}.params", stored)
         if batch_norms(centre):
             seen = reestimate_batch_norm(centre, self.pipeline.evaluation_batches(self.bn_batches, position, members))
@@ -169,15 +154,10 @@ class Evaluator:
         return self.asynchronous and self.local_centre() is None
 
     def local_centre(self) -> Optional[Dict]:
-        """The method's own centre as this rank alone can read it (no collective), or None:
-        EASGD's replicated centre variable, the one-sided EASGD's shards read one-sidedly."""
-        from horovod_leader.optim import EASGD, OneSidedEASGD
-
-        if isinstance(self.opt, EASGD):
-            return self.opt.centre
-        if isinstance(self.opt, OneSidedEASGD):
-            return self.opt.centre()
-        return None
+        """The method's own centre (``centre()``), which a rank reads alone while the wrapper is
+        open (EASGD's replicated centre variable, the one-sided EASGD's shards read
+        one-sidedly), or None when the centre is the workers' average."""
+        return self.opt.centre()
 
     def centre_alone(self, params: Dict, buffers: Optional[Dict] = None) -> float:
         """Accuracy of a centre held by this rank alone (asynchronous runs, rank 0): ``params``
@@ -243,7 +223,7 @@ class Evaluator:
                                                           "train.centre", own_centre=True)}
         if one_sided is not None:
             record["one_sided_bytes"] = [int(row[4]) for row in everyone]
-        if self.algo == "lsgd":
+        if self.has_leader:
             local = -1 if opt.local_leader is None else opt.local_leader
             record["local_leaders"] = hvd.allgather(torch.tensor([[local]]), name="train.leaders").flatten().tolist()
             record["leader_accuracy"] = record["worker_accuracies"][leader] if leader is not None else None

@@ -22,7 +22,7 @@ def value(key: str, text) -> None:
 
 def _rank() -> int:
     """The rank in the whole job, also while Horovod runs on a smaller communicator."""
-    from horovod_leader.topology import world_rank
+    from horovod_leader.launcher import world_rank
 
     return world_rank()
 
@@ -72,7 +72,7 @@ def evaluated_accuracy(name: str, opt, model, test) -> float:
         return accs[opt.global_leader]
     with torch.no_grad():
         if name == "easgd":
-            for flat, centre in zip(opt.params.values(), opt.centre.values()):
+            for flat, centre in zip(opt.params.values(), opt.centre().values()):
                 flat.flat.copy_(centre)
         else:
             for flat in opt.params.values():

@@ -105,7 +105,7 @@ with check("grawa_equals_localsgd"):
 with check("easgd_formula"):
     model = linear(rank + 1)
     opt = hl.EASGD(torch.optim.SGD(model.parameters(), lr=0.0), model, period=1, beta=0.9, alpha=0.2)
-    centre0 = next(iter(opt.centre.values())).clone()
+    centre0 = next(iter(opt.centre().values())).clone()
     assert torch.allclose(centre0, torch.full((3,), 2.5))  # the average at construction
     with torch.no_grad():
         model.weight.mul_(2.0)  # workers now at 2 (r + 1): mean 5, centre still 2.5
@@ -113,7 +113,7 @@ with check("easgd_formula"):
     set_grads(model, 0.0)
     opt.step(0.0)
     assert torch.allclose(model.weight, x - 0.2 * (x - 2.5)), model.weight
-    assert torch.allclose(next(iter(opt.centre.values())), torch.full((3,), 0.1 * 2.5 + 0.9 * 5.0))
+    assert torch.allclose(next(iter(opt.centre().values())), torch.full((3,), 0.1 * 2.5 + 0.9 * 5.0))
     assert hl.EASGD(torch.optim.SGD(model.parameters(), lr=0.0), model, beta=0.8).alpha == pytest.approx(0.2)
 
 
@@ -145,7 +145,7 @@ with check("symmetry_trap"):
             loss.backward()
             opt.step(loss)
         workers = gather(model.x, f"test.sym.{name}")
-        centre = next(iter(opt.centre.values())) if name == "easgd" else workers.mean(0)
+        centre = next(iter(opt.centre().values())) if name == "easgd" else workers.mean(0)
         finals[name] = (workers, centre)
     for name in ("easgd", "localsgd"):
         workers, centre = finals[name]

@@ -113,7 +113,7 @@ with check("compression_copy_precision"):
         leader = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         hvd.broadcast_(leader, root_rank=0, name=f"test.leader.{kind}")
         copy_ = next(iter(opt._copies["global"].values()))
-        bound = compression.max_error(kind, leader)
+        bound = compression.CODECS[kind].max_error(leader)
         err = float((copy_ - leader).abs().max())
         value(f"copy_error_{kind}", f"{err:.3e} bound {bound:.3e}")
         assert err <= bound and err > 0, (kind, err, bound)
@@ -140,12 +140,12 @@ with check("compression_error_scales_with_the_move"):
             opt.step(float(rank))
             received = next(iter(opt._copies["global"].values())).clone()
             if previous is not None:
-                bound = compression.max_error(kind, leader - previous)
+                bound = compression.CODECS[kind].max_error(leader - previous)
                 err = float((received - leader).abs().max())
-                assert bound < compression.max_error(kind, leader) / 10, (kind, bound)  # the move is small
+                assert bound < compression.CODECS[kind].max_error(leader) / 10, (kind, bound)  # the move is small
                 assert err <= bound + 1e-5, (kind, step, err, bound)  # + float32 rounding of values near 10
                 value(f"move_error_{kind}_step{step}", f"{err:.2e} bound {bound:.2e} "
-                                                       f"(whole weights: {compression.max_error(kind, leader):.2e})")
+                                                       f"(whole weights: {compression.CODECS[kind].max_error(leader):.2e})")
             previous = received
         opt.close()
 

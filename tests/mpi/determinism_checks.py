@@ -6,7 +6,7 @@ import horovod.torch as hvd
 import torch
 
 import horovod_leader as hl
-from horovod_leader.train import Trainer, build_parser, validate
+from horovod_leader.training.command import Trainer, build_parser, validate
 from _common import check
 
 topo = hl.init(group_size=2)

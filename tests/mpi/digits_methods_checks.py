@@ -5,8 +5,8 @@ import horovod.torch as hvd
 import torch
 
 import horovod_leader as hl
-from horovod_leader.data import digits, shard
-from horovod_leader.models import DigitsCNN
+from horovod_leader.training.data import digits, shard
+from horovod_leader.training.models import DigitsCNN
 from _common import check, evaluated_accuracy, train_steps, value
 
 STEPS = 320

@@ -25,7 +25,7 @@ from pathlib import Path
 import horovod.torch as hvd
 
 import horovod_leader as hl
-from horovod_leader.topology import launched_by_mpi
+from horovod_leader.launcher import launched_by_mpi
 from _common import check, value
 
 parser = argparse.ArgumentParser()
@@ -110,7 +110,7 @@ if args.throughput:
         value("intra_mbit", f"{intra:.2f}")
 
 if args.train:
-    from horovod_leader import train
+    from horovod_leader.training import command as train
 
     # Groups follow the nodes here too: two local leaders, the global leader across the link.
     status = train.main(["--algo", "lsgd", "--period", "2", "--global-period", "4", "--time-budget", "3",
@@ -124,7 +124,7 @@ if args.train:
     say(f"PASS train_lsgd rank={rank}")
 
 if args.train_async:
-    from horovod_leader import train
+    from horovod_leader.training import command as train
 
     # Asynchronous LSGD across the nodes: the global step count lives in rank 0's counter
     # server over TCP (MPI's one-sided windows do not work across these nodes).

@@ -13,7 +13,7 @@ from torch.nn.utils import vector_to_parameters
 from torch.utils.data import TensorDataset
 
 import horovod_leader as hl
-from horovod_leader.flat import pack
+from horovod_leader.packing import pack
 from horovod_leader.training.evaluation import Evaluator, count_correct, reestimate_batch_norm
 from horovod_leader.training.pipeline import TrainPipeline
 from _common import check

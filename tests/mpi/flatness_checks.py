@@ -7,7 +7,7 @@ from torch import nn
 import horovod_leader as hl
 from _common import check
 from horovod_leader.flatness import hessian_trace, hutchinson_values, top_eigenvalue
-from horovod_leader.models import DigitsCNN
+from horovod_leader.training.models import DigitsCNN
 
 topo = hl.init(group_size=2)
 rank = topo.rank

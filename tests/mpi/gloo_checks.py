@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import horovod_leader as hl
-from horovod_leader.topology import MPIRequired, NO_MPI_FIX, launched_by_mpi
+from horovod_leader.launcher import MPIRequired, NO_MPI_FIX, launched_by_mpi
 from _common import check
 
 assert not launched_by_mpi(), "this program runs under horovodrun --gloo"

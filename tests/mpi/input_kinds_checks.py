@@ -166,11 +166,7 @@ with check("inf_mask_world_of_one"):
     torch.manual_seed(0)
     model = Masked()
     opt = hl.LocalSGD(torch.optim.SGD(model.parameters(), lr=0.1), model, period=1)
-    for _ in range(3):
-        loss = model(torch.randn(4, 3)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step(loss)
+    train(opt, model, [torch.randn(4, 3) for _ in range(3)], lambda m, x: m(x).pow(2).mean())
     opt.close()
     assert hvd.size() == 1 and model.mask.tolist() == MASK
     hl.init(group_size=4)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import horovod_leader as hl
-from horovod_leader.data import digits, shard
-from horovod_leader.models import DigitsCNN
+from horovod_leader.training.data import digits, shard
+from horovod_leader.training.models import DigitsCNN
 from _common import check, evaluated_accuracy, train_steps, value
 
 topo = hl.init(group_size=2)

@@ -59,49 +59,30 @@ def read(path: Path) -> dict:
                          f"(a pickled object that could run code): {str(error).splitlines()[0]}") from None
 
 
-def save(trainer) -> None:
-    """Every rank writes its own state; rank 0 then points latest.json at this step."""
-    hvd = trainer.hvd
+def save(out, rank: int, size: int, step: int, state: dict, hvd) -> None:
+    """Every rank writes its own ``state`` (``Trainer.state_dict()``); rank 0 then points
+    latest.json at this checkpoint. Collective: every rank calls it at the same point."""
     # One folder name for every rank, even when their step counts differ (asynchronous runs).
-    label = int(hvd.allgather(torch.tensor([trainer.step], dtype=torch.int64), name="checkpoint.label").max())
-    target = step_folder(trainer.out, label)
-    if trainer.rank == 0:
+    label = int(hvd.allgather(torch.tensor([step], dtype=torch.int64), name="checkpoint.label").max())
+    target = step_folder(out, label)
+    if rank == 0:
         target.mkdir(parents=True, exist_ok=True)
     hvd.allreduce(torch.zeros(1), name="checkpoint.mkdir")  # the folder exists before anyone writes
-    clock = trainer.clock.state_dict()
-    state = {
-        "step": trainer.step,
-        "clock": clock,
-        "model": trainer.model.state_dict(),
-        "wrapper": trainer.opt.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "losses": trainer.losses[-100:],
-        "fresh_batches": trainer.fresh.calls if getattr(trainer, "fresh", None) is not None else 0,
-    }
-    atomic_save(state, target / f"rank{trainer.rank}.pt")
+    atomic_save(state, target / f"rank{rank}.pt")
     hvd.allreduce(torch.zeros(1), name="checkpoint.written")  # every rank's file is complete
-    if trainer.rank == 0:
-        marker = folder(trainer.out) / "latest.json"
+    if rank == 0:
+        marker = folder(out) / "latest.json"
         tmp = marker.with_name(".latest.json.tmp")
-        tmp.write_text(json.dumps({"step": label, "world_size": trainer.size, **clock}))
+        tmp.write_text(json.dumps({"step": label, "world_size": size, **state.get("clock", {})}))
         os.replace(tmp, marker)
-        for old in folder(trainer.out).glob("step*"):
+        for old in folder(out).glob("step*"):
             if old != target and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def load(trainer) -> None:
-    """Restore a trainer from ``trainer.out``'s last complete checkpoint (same world size)."""
-    marker = json.loads((folder(trainer.out) / "latest.json").read_text())
-    if marker["world_size"] != trainer.size:
-        raise ValueError(f"--resume: the checkpoint was written by {marker['world_size']} ranks, "
-                         f"this job has {trainer.size}")
-    state = read(step_folder(trainer.out, marker["step"]) / f"rank{trainer.rank}.pt")
-    trainer.model.load_state_dict(state["model"])
-    trainer.opt.load_state_dict(state["wrapper"])
-    torch.set_rng_state(state["torch_rng"])
-    trainer.step = state["step"]
-    trainer.clock.load_state_dict(state["clock"])
-    trainer.losses = list(state["losses"])
-    if getattr(trainer, "fresh", None) is not None:
-        trainer.fresh.calls = int(state["fresh_batches"])
+def load(out, rank: int, size: int) -> dict:
+    """This rank's state from ``out``'s last complete checkpoint (written by as many ranks)."""
+    marker = json.loads((folder(out) / "latest.json").read_text())
+    if marker["world_size"] != size:
+        raise ValueError(f"--resume: the checkpoint was written by {marker['world_size']} ranks, this job has {size}")
+    return read(step_folder(out, marker["step"]) / f"rank{rank}.pt")

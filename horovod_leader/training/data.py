@@ -4,7 +4,7 @@
 needs no download. Images are scaled to [0, 1] and standardised with the training mean/std.
 ``cifar10`` is read through torchvision and normalised as in the authors' code; its
 augmentation (random crops and flips of whole batches) is applied while training, by
-``horovod_leader.training.augment``. ``mnist1d`` (``horovod_leader.data_mnist1d``) is
+``horovod_leader.training.augment``. ``mnist1d`` (``horovod_leader.training.data_mnist1d``) is
 generated locally and cached. Which samples each rank sees is decided per epoch by
 ``horovod_leader.training.pipeline``; ``shard`` is the fixed split used by the examples.
 """
@@ -99,7 +99,7 @@ def load(name: str, data_dir: str = "data", download: bool = False, seed: int = 
     sample count (train and test together; default 50,000). Its data seed is fixed, not
     ``seed``, so that every run sees the same signals."""
     if name == "mnist1d":
-        from horovod_leader.data_mnist1d import DEFAULT_SAMPLES, mnist1d
+        from horovod_leader.training.data_mnist1d import DEFAULT_SAMPLES, mnist1d
         train, test = mnist1d(DEFAULT_SAMPLES if samples is None else samples)
     elif name == "digits":
         train, test = digits(seed=seed)
