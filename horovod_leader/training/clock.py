@@ -65,15 +65,18 @@ class AgreedClock:
     """Rank 0's training clock on every rank, one step late, with no blocking round trip.
 
     After each step, rank 0 posts a non-blocking broadcast of its reading (training and wall
-    seconds, and how long its last step took on the training clock); every other rank posts
-    the matching receive. After the next step each rank takes that value, waiting only when
-    some rank is more than a step behind, and posts the next one. The value then estimates
-    rank 0's clock at the end of the step just taken: its reading one step earlier plus the
-    length of its last step. Every time-based decision (the budget, evaluations, learning-rate
-    milestones) is taken on that estimate: on every rank at the same step, whatever the
-    period (1 or 100,000), the method or the launcher, and at the first step whose estimated
-    end is past the time. The cost is one 24-byte broadcast per step, posted while the next
-    step computes.
+    seconds) and of how long it expects the next step to take; every other rank posts the
+    matching receive. After the next step each rank takes that value, waiting only when some
+    rank is more than a step behind, and posts the next one. The value then estimates rank 0's
+    clock at the end of the step just taken: its reading one step earlier plus that step's
+    expected length. Steps are not alike: a step that holds a round (every ``cycle`` steps, a
+    global refresh across a slow link, say) takes longer than the others, so the expected
+    length of a step is that of the last step at the same place in the cycle (the last step
+    at all, before a whole cycle has passed). Every time-based decision (the budget,
+    evaluations, learning-rate milestones) is taken on that estimate: on every rank at the
+    same step, whatever the period (1 or 100,000), the method or the launcher, and at the
+    first step whose estimated end is past the time. The cost is one 24-byte broadcast per
+    step, posted while the next step computes.
 
     Asynchronous runs have no common step: every rank reads its own clock.
 
@@ -81,23 +84,33 @@ class AgreedClock:
         clock: this rank's ``TrainingClock``.
         hvd: ``horovod.torch``, initialised.
         asynchronous: read this rank's own clock only.
+        cycle: the steps after which the pattern of rounds repeats (the longest period of the
+            method: LSGD's global period, another method's period; 1: every step alike).
     """
 
     NAME = "train.clock"
 
-    def __init__(self, clock: TrainingClock, hvd, asynchronous: bool):
+    def __init__(self, clock: TrainingClock, hvd, asynchronous: bool, cycle: int = 1):
         self.clock, self.hvd, self.asynchronous = clock, hvd, asynchronous
+        self.cycle = max(int(cycle), 1)
         self._pending = None
         self._sent = None  # the tensor the pending broadcast fills
         self._last_train = None  # rank 0: its reading at the previous step
+        self._steps = 0  # steps this clock has seen end
+        self._lengths: Dict[int, float] = {}  # rank 0: the last step's length at each place in the cycle
+        self._last_length = 0.0
 
     def _reading(self):
+        """[training seconds, wall seconds, the expected length of the next step] (rank 0's matter)."""
         import torch
 
         train = self.clock.train_seconds()
-        step = 0.0 if self._last_train is None else max(train - self._last_train, 0.0)
+        if self._last_train is not None:
+            self._last_length = max(train - self._last_train, 0.0)
+            self._lengths[self._steps % self.cycle] = self._last_length
         self._last_train = train
-        return torch.tensor([train, self.clock.wall_seconds(), step], dtype=torch.float64)
+        expected = self._lengths.get((self._steps + 1) % self.cycle, self._last_length)
+        return torch.tensor([train, self.clock.wall_seconds(), expected], dtype=torch.float64)
 
     def _post(self) -> None:
         self._sent = self._reading()  # only rank 0's matters; the others' are overwritten
@@ -118,6 +131,7 @@ class AgreedClock:
         if self.asynchronous:
             return self.clock.train_seconds(), self.clock.wall_seconds()
         value = self.hvd.synchronize(self._pending)
+        self._steps += 1
         self._post()
         return float(value[0] + value[2]), float(value[1] + value[2])
 

@@ -449,7 +449,8 @@ class Trainer:
             self.load_state_dict(checkpoint.load(self.out, self.rank, self.size))
         self.write_config()
         self.clock.start()
-        agreed = AgreedClock(self.clock, self.hvd, args.asynchronous)
+        cycle = max(self.wrapper.period, getattr(self.wrapper, "global_period", 1))  # rounds repeat after it
+        agreed = AgreedClock(self.clock, self.hvd, args.asynchronous, cycle=cycle)
         seconds, _ = agreed.start()
         schedule = LoopSchedule(steps_per_epoch=self.steps_per_epoch, epochs=args.epochs, time_budget=args.time_budget,
                                 eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, lr=args.lr,
