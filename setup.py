@@ -25,7 +25,7 @@ def extension_kwargs():
         from torch.utils import cpp_extension
     except ImportError:  # torch is needed to build the extension, not to install the package
         return {}
-    sources = [os.path.join(CSRC, "fused_update.cpp")]
+    sources = [os.path.join(CSRC, "fused_update.cpp"), os.path.join(CSRC, "codec.cpp")]
     macros = []
     extension = cpp_extension.CppExtension
     cuda_home = cpp_extension.CUDA_HOME

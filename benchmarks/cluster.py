@@ -3,9 +3,13 @@
     python benchmarks/cluster.py                       # the core grid: 6 methods x 3 rates x 3 seeds
     python benchmarks/cluster.py --extended            # and DiLoCo, compressed LSGD/GRAWA, LGRAWA, ..., 4x1, 10gbit
     python benchmarks/cluster.py --rates shm --methods lsgd,dp --seeds 0 --budget 5 --no-markdown --out /tmp/c
+    python benchmarks/cluster.py --section cluster_overlap --rates 100mbit,1gbit \
+        --methods nocomm,lsgd,lsgd-ov2,mgrawa,mgrawa-ov2,...   # overlapped rounds (-ovD: overlap d = D)
+    python benchmarks/cluster.py --task lm --section language_model ...   # the byte-level GPT
 
-Every run is ``horovod_leader.train --preset paper`` on MNIST-1D with the wide MLP, for the
-same training-time budget (``--time-budget``, evaluation excluded), each method at its
+Every run is ``horovod_leader.train --preset paper`` on MNIST-1D with the wide MLP (``--task
+lm``: the byte-level GPT on the Python standard library's sources, AdamW inside every method,
+validation bits per byte instead of accuracy), for the same training-time budget (``--time-budget``, evaluation excluded), each method at its
 stated periods. A rate such as ``100mbit`` or ``1gbit`` runs on the emulated cluster
 (``launch/emulated_cluster.sh``, as root: network namespaces joined by links limited to that
 rate, no added latency, one machine's CPU shared by every node); ``shm`` runs one node of
@@ -36,7 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -45,6 +49,10 @@ from mpi_launch import REPO  # noqa: E402
 
 EMULATOR = REPO / "launch" / "emulated_cluster.sh"
 RANK_PROGRAM = HERE / "cluster_rank.py"
+# Methods run by another rank program than the training command's (the peers, benchmarks/peers/):
+# name -> the program, which takes ``--link-counters DIR`` and the training command's options.
+PROGRAMS: Dict[str, Path] = {}
+PROGRAM_CHECKS: Dict[str, Callable[[], Optional[str]]] = {}  # name -> why it cannot run here, or None
 
 # name -> options of horovod_leader.train (added to --preset paper); the periods are written
 # out so that the grid keeps them whatever the preset becomes.
@@ -69,7 +77,20 @@ EXTENDED_METHODS: Dict[str, List[str]] = {
     "mgrawa-async": ["--algo", "mgrawa", "--async", "--period", "32"],
     "easgd-async": ["--algo", "easgd", "--async", "--period", "16"],
 }
+# Overlapped rounds: each method with its round applied d steps after it is posted (``-ovD``).
+OVERLAPPED = {"lsgd": (1, 2, 3), "mgrawa": (1, 2, 4, 8, 16), "localsgd": (1, 2, 4, 8, 12), "diloco": (1, 2, 4, 8, 12),
+              "easgd": (1, 2, 4)}
+for _base, _delays in OVERLAPPED.items():
+    for _d in _delays:
+        EXTENDED_METHODS[f"{_base}-ov{_d}"] = [*(METHODS.get(_base) or EXTENDED_METHODS[_base]), "--overlap", str(_d)]
 ALL_METHODS = {**METHODS, **EXTENDED_METHODS}
+# The language-model task (``--task lm``): the training command's options that replace MNIST-1D's.
+TASKS = {
+    "mnist1d": ["--preset", "paper", "--dataset", "mnist1d"],
+    # AdamW inside every method (DiLoCo's paper's inner optimizer), no preset (the papers' are for images)
+    "lm": ["--dataset", "pystdlib", "--model", "gpt", "--inner-optimizer", "adamw", "--lr", "0.001",
+           "--weight-decay", "0.01", "--batch-size", "16", "--eval-subset", "256"],
+}
 RATES, EXTENDED_RATES = ["100mbit", "1gbit", "shm"], ["10gbit"]
 SHAPES, EXTENDED_SHAPES = ["2x2"], ["4x1"]
 
@@ -97,7 +118,8 @@ def parse_shape(text: str):
 
 
 def train_options(args, method: str, seed: int, ranks_per_node: int, rate: str, out: Path) -> List[str]:
-    options = ["--preset", "paper", *ALL_METHODS[method], "--dataset", "mnist1d", "--model", args.model,
+    task = TASKS[args.task] if args.task == "lm" else [*TASKS["mnist1d"], "--model", args.model]
+    options = [*task, *ALL_METHODS[method],
                "--time-budget", str(args.budget), "--eval-every", str(args.eval_every or args.budget / 10),
                "--seed", str(seed), "--checkpoint-every", "0", "--no-progress", "--out", str(out)]
     if rate == "shm":
@@ -110,25 +132,37 @@ def train_options(args, method: str, seed: int, ranks_per_node: int, rate: str, 
 
 
 def unavailable_reason(method: str) -> Optional[str]:
-    """Why this training command cannot run ``method`` (an option it does not have), or None."""
+    """Why this training command cannot run ``method`` (an option it does not have), or None;
+    for a method of another program (``PROGRAMS``), its own check (``PROGRAM_CHECKS``)."""
     from horovod_leader.training.command import build_parser
 
+    if method in PROGRAMS:
+        return PROGRAM_CHECKS.get(method, lambda: None)()
     try:
-        build_parser().parse_args(ALL_METHODS[method] + ["--dataset", "mnist1d"])
+        build_parser().parse_args(ALL_METHODS[method] + ["--dataset", "mnist1d"])  # an option it lacks
     except ValueError as error:
         return f"the training command refuses {' '.join(ALL_METHODS[method])}: {error}"
     return None
 
 
-def launch_command(rate: str, nodes: int, ranks: int, options: List[str], link_dir: Path):
-    """(command, extra environment) of one run."""
+def launch_command(rate: str, nodes: int, ranks: int, options: List[str], link_dir: Path,
+                   program: Path = RANK_PROGRAM, engine: str = "horovod"):
+    """(command, extra environment) of one run: mpirun (the Horovod engine) or torchrun (the
+    torch engine), over shared memory or on the emulated cluster."""
+    if engine == "torch":
+        env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        if rate == "shm":
+            return [sys.executable, "-u", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                    str(nodes * ranks), str(program), *options], env
+        cmd = ["bash", str(EMULATOR), str(nodes), str(ranks), str(program), "--link-counters", str(link_dir)]
+        return cmd + options, {**env, "LINK_RATE": rate, "EMULATED_LAUNCHER": "torchrun"}
     if rate == "shm":
         cmd = ["mpirun", "-np", str(nodes * ranks), "--bind-to", "none", "-x", "OMP_NUM_THREADS=1"]
         cmd += ["--oversubscribe"] if nodes * ranks > (os.cpu_count() or 1) else []
         cmd += ["--allow-run-as-root"] if os.geteuid() == 0 else []
-        return cmd + [sys.executable, "-u", str(RANK_PROGRAM), *options], {}
+        return cmd + [sys.executable, "-u", str(program), *options], {}
     env = {"LINK_RATE": rate, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = ["bash", str(EMULATOR), str(nodes), str(ranks), str(RANK_PROGRAM), "--link-counters", str(link_dir)]
+    cmd = ["bash", str(EMULATOR), str(nodes), str(ranks), str(program), "--link-counters", str(link_dir)]
     return cmd + options, env
 
 
@@ -159,7 +193,11 @@ def run_one(args, run: Dict, runs_dir: Path) -> Dict:
     shutil.rmtree(folder, ignore_errors=True)  # the training command appends to an existing metrics.jsonl
     link_dir = folder / "link_counters"
     options = train_options(args, run["method"], run["seed"], run["ranks_per_node"], run["rate"], folder)
-    cmd, env = launch_command(run["rate"], run["nodes"], run["ranks_per_node"], options, link_dir)
+    engine = run.get("engine", "horovod")
+    if engine != "horovod":
+        options += ["--backend", engine]
+    cmd, env = launch_command(run["rate"], run["nodes"], run["ranks_per_node"], options, link_dir,
+                              PROGRAMS.get(run["method"], RANK_PROGRAM), engine)
     start = time.perf_counter()
     status, output = run_process(cmd, env, args.timeout or 3 * args.budget + 600)
     result = {**run, "options": options, "elapsed_s": time.perf_counter() - start, "returncode": status}
@@ -176,6 +214,8 @@ def parameter_bytes(args) -> int:
     """P: the model's float32 parameter payload, the unit of every byte count."""
     from horovod_leader.training import models
 
+    if args.task == "lm":
+        return 4 * models.parameter_count(models.build("gpt", 256, 1))
     model = models.build(args.model, 10, 1, input_shape=(1, 40), width=args.width)
     return 4 * models.parameter_count(model)
 
@@ -185,13 +225,17 @@ def prepare_data(args) -> None:
     from horovod_leader.training import data
 
     start = time.perf_counter()
-    data.load("mnist1d", samples=args.samples)
-    print(f"MNIST-1D ready ({time.perf_counter() - start:.1f} s)", flush=True)
+    if args.task == "lm":
+        data.load("pystdlib")
+    else:
+        data.load("mnist1d", samples=args.samples)
+    print(f"{args.task} data ready ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def setting(args) -> Dict:
     """What every run of one grid shares; a results folder holds one setting."""
-    return {"model": args.model, "width": args.width, "samples": args.samples, "eval_every": args.eval_every}
+    setting = {"model": args.model, "width": args.width, "samples": args.samples, "eval_every": args.eval_every}
+    return setting if args.task == "mnist1d" else {**setting, "task": args.task}
 
 
 def build_grid(args) -> List[Dict]:
@@ -200,10 +244,15 @@ def build_grid(args) -> List[Dict]:
         for shape in args.shape_list:
             nodes, ranks = parse_shape(shape)
             for rate in args.rate_list:
-                for method in args.method_list:
-                    runs.append({"name": f"{rate}-{shape}-{method}-seed{seed}", "rate": rate, "shape": shape,
-                                 "nodes": nodes, "ranks_per_node": ranks, "method": method, "seed": seed,
-                                 "budget": args.budget, "setting": setting(args)})
+                for engine in args.engine_list:
+                    for method in args.method_list:
+                        if engine != "horovod" and method in PROGRAMS:  # a peer's program has its own launch
+                            continue
+                        tag = "" if engine == "horovod" else f"-{engine}"  # the Horovod engine's names stay
+                        runs.append({"name": f"{rate}-{shape}-{method}{tag}-seed{seed}", "rate": rate,
+                                     "shape": shape, "nodes": nodes, "ranks_per_node": ranks, "method": method,
+                                     "engine": engine, "seed": seed, "budget": args.budget,
+                                     "setting": setting(args)})
     return runs
 
 
@@ -215,10 +264,15 @@ def parse_args(argv=None):
                         f"(default: {','.join(RATES)}; --extended adds {','.join(EXTENDED_RATES)})")
     parser.add_argument("--nodes", default=None, help="node shapes NODESxRANKS (default: 2x2; --extended adds 4x1)")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--engines", default="horovod", help="comma-separated engines: horovod (mpirun) and torch "
+                        "(torchrun: torch.distributed over Gloo)")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of training per run (training clock)")
     parser.add_argument("--eval-every", type=float, default=None, help="seconds of training between evaluations "
                         "(default: budget / 10; each one costs seconds of wall time on the wide MLP)")
     parser.add_argument("--extended", action="store_true", help="the extended grid's methods, rates and shapes")
+    parser.add_argument("--task", default="mnist1d", choices=tuple(TASKS), help="mnist1d: MNIST-1D classification "
+                        "(--model); lm: a byte-level GPT on the Python standard library's sources (AdamW inside "
+                        "every method, validation bits per byte)")
     parser.add_argument("--model", default="mlp", choices=("mlp", "cnn1d"))
     parser.add_argument("--width", type=int, default=None, help="the MLP's width (default: the training command's)")
     parser.add_argument("--samples", type=int, default=None, help="MNIST-1D signals (default: the training "
@@ -236,6 +290,9 @@ def parse_args(argv=None):
     args.method_list = pick(args.methods, list(METHODS), list(EXTENDED_METHODS))
     args.rate_list = pick(args.rates, RATES, EXTENDED_RATES)
     args.shape_list = pick(args.nodes, SHAPES, EXTENDED_SHAPES)
+    args.engine_list = args.engines.split(",")
+    if not set(args.engine_list) <= {"horovod", "torch"}:
+        parser.error(f"--engines: expected horovod and/or torch, got {args.engines!r}")
     unknown = [m for m in args.method_list if m not in ALL_METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; known: {list(ALL_METHODS)}")
@@ -293,7 +350,7 @@ def main(argv=None) -> int:
         done[run["name"]] = result
         if result["status"] == "ok":
             accuracy = "-" if result["final_accuracy"] is None else f"{result['final_accuracy']:.4f}"
-            print(f"[{i}/{len(todo)}] {run['name']}: accuracy {accuracy} at "
+            print(f"[{i}/{len(todo)}] {run['name']}: {result.get('metric', 'accuracy')} {accuracy} at "
                   f"{result['train_seconds']:.1f} s, {result['steps_per_s']:.2f} steps/s, "
                   f"{result['comm_bytes_per_step'] / 1e6:.2f} MB/step/worker ({result['elapsed_s']:.0f} s)", flush=True)
         else:

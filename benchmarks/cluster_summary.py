@@ -35,7 +35,14 @@ NAMES = {"lsgd": "LSGD (multi-leader)", "mgrawa": "MGRAWA", "easgd": "EASGD", "l
          "dp": "data-parallel SGD", "lsgd-async": "LSGD async", "diloco": "DiLoCo", "lsgd-bf16": "LSGD bf16",
          "lsgd-int8": "LSGD int8", "lsgd-tauG64": "LSGD tau=16, tau_G=64", "mgrawa-bf16": "MGRAWA bf16",
          "mgrawa-int8": "MGRAWA int8", "lgrawa": "LGRAWA", "mgrawa-async": "MGRAWA async",
-         "easgd-async": "EASGD async", "nocomm": "communication-free (local SGD, no round)"}
+         "easgd-async": "EASGD async", "nocomm": "communication-free (local SGD, no round)",
+         "torch-localsgd": "PyTorch PostLocalSGD, PeriodicModelAverager", "torch-hierarchical":
+         "PyTorch PostLocalSGD, HierarchicalModelAverager", "torchft-diloco": "torchft DiLoCo",
+         "torchft-localsgd": "torchft LocalSGD", "horovod-dp": "Horovod DistributedOptimizer"}
+
+# (the toolkit's method, its peer, the speed target: the toolkit at least this fast)
+PEER_PAIRS = [("localsgd", "torch-localsgd", 1.0), ("localsgd", "torch-hierarchical", None),
+              ("localsgd", "torchft-localsgd", None), ("diloco", "torchft-diloco", 1.0), ("dp", "horovod-dp", None)]
 
 
 def summarise_run(folder: Path, link_dir: Path, payload: int) -> Dict:
@@ -55,13 +62,14 @@ def summarise_run(folder: Path, link_dir: Path, payload: int) -> Dict:
         links[path.stem] = json.loads(path.read_text())
     summary = {
         "curve": points, "curve_of": run["model"], "final_accuracy": points[-1][1] if points else None,
+        "metric": run["metric"].name, "higher_is_better": run["metric"].higher_is_better,
         "final_leader_accuracy": last.get("leader_accuracy"), "final_centre_accuracy": last.get("centre_accuracy"),
         "train_seconds": last["train_seconds"],
         "wall_seconds": last["wall_seconds"], "steps": mean_steps,
         "steps_per_s": mean_steps / last["train_seconds"] if last["train_seconds"] > 0 else None,
         "comm_bytes_per_step": statistics.mean(c / max(s, 1) for c, s in zip(comm, steps)),
         "parameter_bytes": payload, "link_counters": links or None,
-        "periods": {key: config.get(key) for key in ("period", "global_period")},
+        "periods": {key: config.get(key) for key in ("period", "global_period", "overlap")},
         "compression": config.get("compression"),
     }
     if config.get("algo") == "lsgd" and not config.get("asynchronous") and config.get("global_period"):
@@ -101,12 +109,12 @@ def accuracy_at(curve, budget: float) -> Optional[float]:
     return a0 + (a1 - a0) * (budget - t0) / (t1 - t0)
 
 
-def time_to(curve, target: float, budget: float) -> Optional[float]:
-    """Training time at which the curve, linear between evaluations, first reaches ``target``;
-    None if not within ``budget``."""
+def time_to(curve, target: float, budget: float, higher: bool = True) -> Optional[float]:
+    """Training time at which the curve, linear between evaluations, first reaches ``target``
+    (at or above it; ``higher`` False, a loss: at or below it); None if not within ``budget``."""
     previous = None
     for t, a in curve:
-        if a >= target:
+        if (a >= target) if higher else (a <= target):
             if previous is None or a == previous[1]:
                 reached = t
             else:
@@ -133,19 +141,40 @@ def equal_steps_change(plain_runs: List[Dict], packed_runs: List[Dict]):
     return 100 * (statistics.mean(packed) - statistics.mean(plain)), steps
 
 
+def method_key(run: Dict) -> str:
+    """The row a run belongs to: its method, marked ``@torch`` on the torch engine."""
+    engine = run.get("engine", "horovod")
+    return run["method"] if engine == "horovod" else f"{run['method']}@{engine}"
+
+
+def name_of(key: str) -> str:
+    """A row's name in tables and plots: ``mgrawa-ov2@torch`` is "MGRAWA, overlap d = 2 [torch engine]"."""
+    method, _, engine = key.partition("@")
+    base, _, delay = method.rpartition("-ov")
+    if base and delay.isdigit():
+        name = f"{NAMES.get(base, base)}, overlap d = {delay}"
+    else:
+        name = NAMES.get(method, method)
+    return name + (f" [{engine} engine]" if engine else "")
+
+
 def aggregate(results: List[Dict]) -> Dict:
     """{(shape, rate): {"target": ..., "methods": {method: row}}} over the successful runs."""
     cells: Dict = {}
     for r in results:
+        if r["status"] == "ok" and "metric" not in r:  # runs summarised before the metric was recorded
+            r["metric"], r["higher_is_better"] = "accuracy", True
         cell = cells.setdefault((r["shape"], r["rate"]), {"runs": {}, "failed": {}})
         bucket = cell["runs"] if r["status"] == "ok" else cell["failed"]
-        bucket.setdefault(r["method"], []).append(r)
+        bucket.setdefault(method_key(r), []).append(r)
     for cell in cells.values():
+        first = next((r for runs in cell["runs"].values() for r in runs), {})
+        cell["metric"], cell["scale"] = first.get("metric", "accuracy"), 100 if first.get("higher_is_better", True) else 1
         dp = cell["runs"].get("dp", [])
         cell["target"] = mean_or_none(accuracy_at(r["curve"], r["budget"]) for r in dp)
         cell["methods"] = {}
         for method, runs in cell["runs"].items():
-            times = ([time_to(r["curve"], cell["target"], r["budget"]) for r in runs]
+            times = ([time_to(r["curve"], cell["target"], r["budget"], r.get("higher_is_better", True)) for r in runs]
                      if cell["target"] is not None else [])
             cell["methods"][method] = {
                 "runs": len(runs), "final_accuracy": [r["final_accuracy"] for r in runs],
@@ -164,9 +193,10 @@ def aggregate(results: List[Dict]) -> Dict:
 def periods_text(method: str, periods: Dict) -> str:
     if method.startswith("dp"):
         return "every step"
+    overlap = f", d={periods['overlap']}" if periods.get("overlap") else ""
     if periods.get("global_period") and method.startswith("lsgd"):
-        return f"tau={periods['period']} in a node, tau_G={periods['global_period']}"
-    return f"tau={periods.get('period')}"
+        return f"tau={periods['period']} in a node, tau_G={periods['global_period']}{overlap}"
+    return f"tau={periods.get('period')}{overlap}"
 
 
 # ---------------------------------------------------------------------------- tables
@@ -183,14 +213,15 @@ def rate_table(cell: Dict) -> str:
         ratio = "-" if mean_time is None or not dp_time else f"{mean_time / dp_time:.2f}x"
         payload = row["payload"]
         link = [v / payload for v in row["link_sent_per_step"] if v is not None]
-        rows.append([NAMES.get(method, method), periods_text(method, row["periods"]),
-                     mean_sd(row["accuracy_at_budget"], 100), mean_sd(row["train_seconds"], spec=".1f"),
+        rows.append([name_of(method), periods_text(method, row["periods"]),
+                     mean_sd(row["accuracy_at_budget"], cell["scale"]), mean_sd(row["train_seconds"], spec=".1f"),
                      f"{mean_sd(row['time_to_target'], spec='.1f')} ({row['reached']}/{row['runs']})", ratio,
                      mean_sd(row["steps_per_s"], spec=".2f"), share,
                      f"{mean_or_none(row['comm_bytes_per_step']) / 1e6:.2f} MB "
                      f"({mean_or_none(row['comm_bytes_per_step']) / payload:.4f} P)",
                      f"{statistics.mean(link):.4f} P" if link else "-"])
-    return markdown_table(["method", "periods", "test acc. % at the budget", "training s at the end",
+    what = "test acc. % at the budget" if cell["scale"] == 100 else "validation bits/byte at the budget"
+    return markdown_table(["method", "periods", what, "training s at the end",
                            "s to target (runs reaching)",
                            "time vs DP", "steps/s", "of comm-free", "comm_bytes/step/worker",
                            "link bytes/step, all nodes sent"],
@@ -218,8 +249,8 @@ def target_lines(cells: Dict, shape: str) -> List[str]:
     the runs that reach the target (their count is given)."""
     lines = emulator_tax_lines(cells, shape)
     for (cell_shape, rate), cell in sorted(cells.items(), key=lambda kv: rate_order(kv[0][1])):
-        if cell_shape != shape or cell["target"] is None:
-            continue
+        if cell_shape != shape or cell["target"] is None or cell.get("metric") == "bits_per_byte":
+            continue  # the language model's targets: ``language_model_lines``
         m = cell["methods"]
         time_of = lambda method: mean_or_none(m.get(method, {}).get("time_to_target", []))
         acc_of = lambda method: mean_or_none(m.get(method, {}).get("accuracy_at_budget", []))
@@ -244,12 +275,129 @@ def target_lines(cells: Dict, shape: str) -> List[str]:
         if row and link and row["periods"].get("global_period"):
             one_payload = row["payload"] / row["periods"]["global_period"]
             per_refresh = [v / row["payload"] for v in row["link_sent_per_refresh"]]
+            met = per_refresh and 1.0 <= statistics.mean(per_refresh) <= 1.05
             lines.append(f"- {rate}: multi-leader LSGD sent {statistics.mean(link) / 1e6:.3f} MB per step across the "
                          f"links (all nodes, training clock): {statistics.mean(link) / one_payload:.2f}x one payload "
                          f"per tau_G steps ({one_payload / 1e6:.3f} MB)"
-                         + (f", {mean_sd(per_refresh)} payloads per global refresh" if per_refresh else "")
+                         + (f", {mean_sd(per_refresh)} payloads per global refresh (target 1.00-1.05: "
+                            f"**{'met' if met else 'not met'}**)" if per_refresh else "")
                          + f"; its comm_bytes count {mean_or_none(row['comm_bytes_per_step']) / 1e6:.3f} MB per "
                          "step per worker, the exchanges inside the nodes (every tau steps) included.")
+    return lines
+
+
+#: overlapped rounds' speed targets: the share of the communication-free steps/s, by link rate
+OVERLAP_SHARE = {"100mbit": 0.85, "1gbit": 0.95}
+
+
+def share_of_limit(m: Dict, method: str) -> Optional[float]:
+    limit, rate = mean_or_none(m.get("nocomm", {}).get("steps_per_s", [])), mean_or_none(m[method]["steps_per_s"])
+    return rate / limit if limit and rate else None
+
+
+def overlap_lines(cells: Dict, shape: str) -> List[str]:
+    """Overlapped rounds (``-ovD``) against the same method without: the share of the
+    communication-free rate (target by rate, ``OVERLAP_SHARE``), the smallest delay d that
+    reaches it, and the accuracy at equal steps against the method without overlap (target:
+    within 0.5 points)."""
+    lines = []
+    for (cell_shape, rate), cell in sorted(cells.items(), key=lambda kv: rate_order(kv[0][1])):
+        m = cell["methods"]
+        if cell_shape != shape or "nocomm" not in m:
+            continue
+        goal = OVERLAP_SHARE.get(rate)
+        for base in ("lsgd", "mgrawa", "localsgd", "diloco", "easgd"):
+            variants = sorted((int(k.rsplit("-ov", 1)[1]), k) for k in m if k.startswith(base + "-ov"))
+            if base not in m or not variants:
+                continue
+            parts, reaching = [], None
+            for d, name in variants:
+                share = share_of_limit(m, name)
+                change = equal_steps_change(cell["runs"][base], cell["runs"][name])
+                parts.append(f"d={d}: {'-' if share is None else f'{100 * share:.0f}%'}"
+                             + ("" if change is None else f", {change[0]:+.2f} points at {change[1]:.0f} steps"))
+                if reaching is None and goal is not None and share is not None and share >= goal:
+                    reaching = (d, change)
+            base_share = share_of_limit(m, base)
+            line = (f"- {rate}: {name_of(base)} runs at {'-' if base_share is None else f'{100 * base_share:.0f}%'}"
+                    f" of the communication-free rate without overlap; " + "; ".join(parts))
+            if goal is not None:
+                line += f" (target: at least {100 * goal:.0f}%: **{'met' if reaching else 'not met'}**"
+                if reaching:
+                    close = reaching[1] is not None and abs(reaching[1][0]) <= 0.5
+                    line += (f"; at d={reaching[0]}, the smallest that reaches it, accuracy at equal steps within 0.5 "
+                             f"points: **{'met' if close else 'not met'}**")
+                line += ")"
+            lines.append(line + ".")
+    return lines
+
+
+def compressed_link_lines(cells: Dict, shape: str) -> List[str]:
+    """Compressed MGRAWA's link bytes against uncompressed (targets: int8 at most 0.3x, bf16 at most 0.55x)."""
+    lines = []
+    for (cell_shape, rate), cell in sorted(cells.items(), key=lambda kv: rate_order(kv[0][1])):
+        m = cell["methods"]
+        if cell_shape != shape or rate == "shm" or "mgrawa" not in m:
+            continue
+        plain = mean_or_none(m["mgrawa"]["link_sent_per_step"])
+        for kind, goal in (("bf16", 0.55), ("int8", 0.3)):
+            packed = mean_or_none(m.get(f"mgrawa-{kind}", {}).get("link_sent_per_step", []))
+            if plain and packed:
+                ratio = packed / plain
+                lines.append(f"- {rate}: MGRAWA {kind} sent {ratio:.3f}x the link bytes of uncompressed MGRAWA "
+                             f"(target: at most {goal}x): **{'met' if ratio <= goal else 'not met'}**.")
+    return lines
+
+
+def language_model_lines(cells: Dict, shape: str) -> List[str]:
+    """The language model's targets: the best periodic method reaches data-parallel SGD's
+    validation loss at the budget in at most 0.5x its time (at 100 Mbit/s), and every method's
+    share of the communication-free rate."""
+    lines = []
+    for (cell_shape, rate), cell in sorted(cells.items(), key=lambda kv: rate_order(kv[0][1])):
+        m = cell["methods"]
+        if cell_shape != shape or cell.get("metric") != "bits_per_byte" or cell["target"] is None:
+            continue
+        dp = mean_or_none(m.get("dp", {}).get("time_to_target", []))
+        periodic = {k: mean_or_none(v["time_to_target"]) for k, v in m.items()
+                    if k.partition("@")[0] not in ("dp", "nocomm", "horovod-dp")}
+        reached = {k: t for k, t in periodic.items() if t is not None}
+        if reached and dp:
+            best = min(reached, key=reached.get)
+            ratio = reached[best] / dp
+            line = (f"- {rate}: the best periodic method, {name_of(best)}, reaches data-parallel SGD's "
+                    f"{cell['target']:.3f} bits/byte in {reached[best]:.1f} s against {dp:.1f} s ({ratio:.2f}x)")
+            if rate == "100mbit":
+                line += f" (target: at most 0.5x): **{'met' if ratio <= 0.5 else 'not met'}**"
+            lines.append(line + ".")
+        shares = {k: share_of_limit(m, k) for k in m if k != "nocomm"}
+        listed = ", ".join(f"{name_of(k)} {100 * v:.0f}%" for k, v in shares.items() if v is not None)
+        if listed:
+            low = [k for k, v in shares.items() if v is not None and v < 0.85]
+            lines.append(f"- {rate}: share of the communication-free rate: {listed}"
+                         + (f" (target at 100mbit: every method at least 85%: **{'met' if not low else 'not met'}**)"
+                            if rate == "100mbit" else "") + ".")
+    return lines
+
+
+def engine_lines(cells: Dict, shape: str) -> List[str]:
+    """Each method on the torch engine against the same on Horovod's, where both ran: steps/s
+    (a ratio within one grid) and accuracy at the budget."""
+    lines = []
+    for (cell_shape, rate), cell in sorted(cells.items(), key=lambda kv: rate_order(kv[0][1])):
+        m = cell["methods"]
+        if cell_shape != shape:
+            continue
+        for key in [k for k in m if k.endswith("@torch")]:
+            base = key.partition("@")[0]
+            if base not in m:
+                continue
+            fast, other = mean_or_none(m[key]["steps_per_s"]), mean_or_none(m[base]["steps_per_s"])
+            ratio = f" ({fast / other:.2f}x)" if fast and other else ""
+            lines.append(f"- {rate}: {name_of(base)} on the torch engine {mean_sd(m[key]['steps_per_s'])} steps/s "
+                         f"against {mean_sd(m[base]['steps_per_s'])} on Horovod's{ratio}; accuracy at the budget "
+                         f"{mean_sd(m[key]['accuracy_at_budget'], cell['scale'])} against "
+                         f"{mean_sd(m[base]['accuracy_at_budget'], cell['scale'])}.")
     return lines
 
 
@@ -263,6 +411,30 @@ def versus(name: str, row: Dict, other_name: str, other: Dict) -> str:
             f"{mean_sd(row['time_to_target'], spec='.1f')} s ({row['reached']}/{row['runs']}) against "
             f"{mean_sd(other['time_to_target'], spec='.1f')} s ({other['reached']}/{other['runs']}), "
             f"link bytes per step (all nodes sent) {link(row)} P against {link(other)} P")
+
+
+def peer_lines(cells: Dict, shape: str) -> List[str]:
+    """Each of the toolkit's methods against its peer, where both ran: steps/s (a ratio within
+    one grid, both measured alike) and accuracy at the budget, over the seeds."""
+    lines = []
+    for (cell_shape, rate), cell in sorted(cells.items(), key=lambda kv: rate_order(kv[0][1])):
+        m = cell["methods"]
+        if cell_shape != shape:
+            continue
+        for mine, peer, target in PEER_PAIRS:
+            if mine not in m or peer not in m:
+                continue
+            fast, slow = mean_or_none(m[mine]["steps_per_s"]), mean_or_none(m[peer]["steps_per_s"])
+            ratio = fast / slow if fast and slow else None
+            line = (f"- {rate}: {name_of(mine)} {mean_sd(m[mine]['steps_per_s'])} steps/s against "
+                    f"{name_of(peer)} {mean_sd(m[peer]['steps_per_s'])}"
+                    + (f" ({ratio:.2f}x)" if ratio else "")
+                    + f"; accuracy at the budget {mean_sd(m[mine]['accuracy_at_budget'], 100)}% against "
+                    f"{mean_sd(m[peer]['accuracy_at_budget'], 100)}%")
+            if target is not None and ratio is not None:
+                line += f" (target: at least {target:.1f}x as fast): **{'met' if ratio >= target else 'not met'}**"
+            lines.append(line + ".")
+    return lines
 
 
 def compression_lines(cells: Dict, shape: str) -> List[str]:
@@ -312,28 +484,32 @@ def plot(results: List[Dict], cells: Dict, shape: str, path: Path) -> None:
     from matplotlib.ticker import ScalarFormatter
 
     rates = sorted({r["rate"] for r in results if r["shape"] == shape}, key=rate_order)
-    methods = list(dict.fromkeys(r["method"] for r in results))
+    methods = list(dict.fromkeys(method_key(r) for r in results))
+    loss = any(r.get("higher_is_better") is False for r in results)  # the language model: bits per byte
+    value = (lambda a: a) if loss else (lambda a: max(100 * (1 - a), 1e-2))
     fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4), sharey=True, squeeze=False)
     for ax, rate in zip(axes[0], rates):
         for i, method in enumerate(methods):
-            runs = [r for r in results if r["shape"] == shape and r["rate"] == rate and r["method"] == method
+            runs = [r for r in results if r["shape"] == shape and r["rate"] == rate and method_key(r) == method
                     and r["status"] == "ok"]
             for j, r in enumerate(runs):
-                ax.plot([t for t, _ in r["curve"]], [max(100 * (1 - a), 1e-2) for _, a in r["curve"]], marker=".",
-                        ms=3, color=f"C{i % 10}", lw=1, alpha=0.8, label=NAMES.get(method, method) if j == 0 else None)
+                ax.plot([t for t, _ in r["curve"]], [value(a) for _, a in r["curve"]], marker=".",
+                        ms=3, color=f"C{i % 10}", lw=1, alpha=0.8, label=name_of(method) if j == 0 else None)
         ax.axvline(results[0]["budget"], color="grey", lw=0.8, ls=":", label="budget")
         target = cells.get((shape, rate), {}).get("target")
         if target is not None:
-            ax.axhline(100 * (1 - target), color="k", lw=0.8, ls="--", label="target (DP's mean at the budget)")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
+            ax.axhline(value(target), color="k", lw=0.8, ls="--", label="target (DP's mean at the budget)")
+        if not loss:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.set_title(where(shape, rate), fontsize=10)
         ax.set_xlabel("training time (s), evaluation excluded")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("test error (%)")
+    axes[0][0].set_ylabel("validation bits per byte" if loss else "test error (%)")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle("MNIST-1D: test error against training time, one line per seed", fontsize=10)
+    fig.suptitle(("Byte-level GPT: validation bits per byte" if loss else "MNIST-1D: test error")
+                 + " against training time, one line per seed", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -383,11 +559,13 @@ def write_outputs(args, results: List[Dict], skipped: Dict[str, str], out: Path,
             target = f"{100 * cell['target']:.2f}%" if cell["target"] is not None else (
                 "none: no data-parallel SGD evaluation within the budget" if "dp" in cell["runs"] else
                 "none: no data-parallel SGD run")
-            failed = "; ".join(f"{NAMES.get(m, m)}: {len(rs)} run(s) {rs[0]['status']}" for m, rs in
+            failed = "; ".join(f"{name_of(m)}: {len(rs)} run(s) {rs[0]['status']}" for m, rs in
                                cell["failed"].items())
             sections.append(f"**{where(shape, rate)}** (target: {target})"
                             + (f". Failed: {failed}" if failed else "") + "\n\n" + rate_table(cell))
-        lines = target_lines(cells, shape) + compression_lines(cells, shape)
+        lines = (target_lines(cells, shape) + overlap_lines(cells, shape) + compression_lines(cells, shape)
+                 + compressed_link_lines(cells, shape) + peer_lines(cells, shape) + language_model_lines(cells, shape)
+                 + engine_lines(cells, shape))
         sections.append("Targets, computed from the runs above:\n\n" + "\n".join(lines or ["- (no run with a target)"]))
     print("\n\n".join(sections))
     for shape, path in plots.items():
@@ -396,9 +574,13 @@ def write_outputs(args, results: List[Dict], skipped: Dict[str, str], out: Path,
         return
     payload = results[0].get("parameter_bytes") or args.parameter_bytes
     header = (f"Machine: {machine}. Date: {today()}. Revision: {git_revision()}.\nCommand: `{command}`\n\n"
-              f"MNIST-1D, `--model {args.model}` (P = {payload:,} bytes of float32 parameters), `--preset paper`, "
-              f"{args.budget:g} s of training per run (training clock), seeds {args.seeds}. Every byte column is "
+              + (f"MNIST-1D, `--model {args.model}` (P = {payload:,} bytes of float32 parameters), `--preset paper`, "
+                 if getattr(args, "task", "mnist1d") == "mnist1d" else
+                 f"The byte-level GPT on the Python standard library's sources (P = {payload:,} bytes of float32 "
+                 "parameters), AdamW inside every method (lr 0.001, weight decay 0.01, batch 16 windows of 128 "
+                 "bytes per worker), validation bits per byte of the centre, ")
+              + f"{args.budget:g} s of training per run (training clock), seeds {args.seeds}. Every byte column is "
               "per step; P is one parameter payload.")
-    not_run = "".join(f"\n\nNot run: {NAMES.get(m, m)} ({why})." for m, why in skipped.items())
+    not_run = "".join(f"\n\nNot run: {name_of(m)} ({why})." for m, why in skipped.items())
     plot_lines = "\n".join(f"Plot: `{os.path.relpath(p, REPO)}`" for p in plots.values())
     update_section(args.section, header + "\n\n" + "\n\n".join(sections) + not_run + "\n\n" + plot_lines)

@@ -31,7 +31,7 @@ def enabled() -> bool:
 
 
 def _rank() -> str:
-    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "HOROVOD_RANK", "SLURM_PROCID"):
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "HOROVOD_RANK", "SLURM_PROCID", "RANK"):
         if var in os.environ:
             return os.environ[var]
     return "?"

@@ -112,12 +112,14 @@ class TcpStepCounter(GlobalStepCounter):
         import subprocess
         import sys
 
-        from mpi4py import MPI
-
         from horovod_leader import step_counter_server as server
 
         self._struct, self._reply = server.REQUEST, server.REPLY
-        self.comm = (MPI.COMM_WORLD if comm is None else comm).Dup()
+        if comm is None:
+            from mpi4py import MPI
+
+            comm = MPI.COMM_WORLD
+        self.comm = comm.Dup()  # an mpi4py communicator, or the torch engine's ``TorchWorld``
         self._server = None
         where = None
         if self.comm.Get_rank() == 0:
@@ -173,11 +175,15 @@ def _own_addresses() -> list:
 
 def make_step_counter(comm=None) -> GlobalStepCounter:
     """The MPI window when every rank shares one node (or HOROVOD_LEADER_STEP_COUNTER=mpi);
-    the TCP server otherwise (or HOROVOD_LEADER_STEP_COUNTER=tcp)."""
+    the TCP server otherwise (or HOROVOD_LEADER_STEP_COUNTER=tcp), and always on the torch
+    engine, which has no MPI."""
     import os
 
+    from horovod_leader import engine
     from horovod_leader.launcher import require_mpi
 
+    if engine.name() == "torch":  # no MPI: the TCP server, reached over the torch engine's group
+        return TcpStepCounter(engine.TorchWorld(engine.active()))
     require_mpi("asynchronous mode (asynchronous=True, --async)")
     from mpi4py import MPI
 
@@ -196,50 +202,95 @@ def make_step_counter(comm=None) -> GlobalStepCounter:
 RefreshGenerator = Generator[Iterable, None, None]
 
 
+class _Hold:
+    """Yielded by a round where an overlapped round waits for the step it applies at."""
+
+    def __iter__(self):  # a hold posts no collective
+        return iter(())
+
+    def __repr__(self) -> str:
+        return "HOLD"
+
+
+#: what a round generator yields between computing its outcome and applying it
+HOLD = _Hold()
+
+
+class Together(list):
+    """Handles that every member posts at the same point of a synchronous round (an in-node
+    exchange at the round's start): an overlapped round waits for them at once, which costs
+    little over shared memory and lets the next phase, the one on the links, start now
+    rather than at the next step's poll. Elsewhere (asynchronous rounds) a plain list."""
+
+
 class RefreshDriver:
     """Runs one refresh generator at a time, resuming it when its collectives have finished.
 
     A refresh generator yields the handles of the collectives it posted and receives their
-    results (``hvd.synchronize`` of each, which also frees the handles) when it resumes.
+    results (``hvd.synchronize`` of each, which also frees the handles) when it resumes. A
+    round may also yield ``HOLD`` right before it applies its outcome: a round started with
+    ``hold=True`` (an overlapped round) stops there until ``progress(release=True)``, so that
+    every rank applies it at the same step; otherwise ``HOLD`` passes at once.
     """
 
     def __init__(self):
-        import horovod.torch as hvd
 
-        self._hvd = hvd
         self._gen: Optional[RefreshGenerator] = None
         self._handles: tuple = ()
+        self._hold = False
+        self._together = False  # the pending handles are a ``Together`` of an overlapped round
+        self.held = False  # the round in flight has reached its HOLD
         self.result = None  # what the last finished refresh generator returned
 
     @property
     def busy(self) -> bool:
         return self._gen is not None
 
-    def start(self, gen: RefreshGenerator, block: bool = False) -> None:
+    def start(self, gen: RefreshGenerator, block: bool = False, hold: bool = False) -> None:
         if self._gen is not None:
             raise RuntimeError("a refresh is already in progress")
-        self._gen = gen
+        self._gen, self._hold, self.held = gen, hold, False
         self._resume(None)
         self.progress(block=block)
 
-    def progress(self, block: bool = False) -> bool:
-        """Resume the refresh while its collectives are done; True when nothing is pending."""
+    def progress(self, block: bool = False, release: bool = False) -> bool:
+        """Resume the refresh while its collectives are done (all of them when ``block``); a
+        held round goes past its ``HOLD`` only with ``release``. True when nothing is pending."""
         from horovod_leader.comm import poll, synchronize
 
         while self._gen is not None:
-            if not block and not all(poll(h) for h in self._handles):
+            if self.held:
+                if not release:
+                    return False
+                self.held = False
+                self._resume(None)
+                continue
+            if not (block or self._together) and not all(poll(h) for h in self._handles):
                 return False
             self._resume([synchronize(h) for h in self._handles])
         return True
 
+    def abandon(self) -> None:
+        """Drop a round held at its ``HOLD`` (its collectives are done) without applying it."""
+        if self._gen is not None:
+            if not self.held:
+                raise RuntimeError("only a round held at its HOLD can be abandoned: its collectives are still running")
+            self._gen.close()
+        self._gen, self._handles, self.held, self._together = None, (), False, False
+
     def _resume(self, results) -> None:
         try:
-            self._handles = tuple(self._gen.send(results))
+            out = self._gen.send(results)
+            while out is HOLD and not self._hold:
+                out = self._gen.send(None)
+            self.held = out is HOLD
+            self._together = self._hold and isinstance(out, Together)
+            self._handles = () if self.held else tuple(out)
         except StopIteration as finished:
-            self._gen, self._handles, self.result = None, (), finished.value
+            self._gen, self._handles, self.result, self.held = None, (), finished.value, False
         except BaseException:
             # The refresh raised (e.g. every worker diverged): nothing is left in flight.
-            self._gen, self._handles = None, ()
+            self._gen, self._handles, self.held = None, (), False
             raise
 
 

@@ -1,4 +1,5 @@
-"""Collectives: the thin layer over Horovod that every wrapper talks through.
+"""Collectives: the thin layer over the engine (Horovod, or torch.distributed: ``engine``) that
+every wrapper talks through.
 
 It does two things besides calling Horovod:
 
@@ -76,28 +77,38 @@ def poll(handle) -> bool:
     """Whether a posted collective (Horovod's or an ``MPIHandle``) has finished."""
     if isinstance(handle, MPIHandle):
         return handle.poll()
-    import horovod.torch as hvd
+    from horovod_leader import engine
 
-    return hvd.poll(handle)
+    return engine.active().poll(handle)
 
 
 def synchronize(handle):
     """Wait for a posted collective and return its result."""
     if isinstance(handle, MPIHandle):
         return handle.wait()
-    import horovod.torch as hvd
+    from horovod_leader import engine
 
-    return hvd.synchronize(handle)
+    return engine.active().synchronize(handle)
+
+
+def _mpi_ready(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if mpi4py can send it in place (contiguous, on the CPU); a clear error otherwise."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise RuntimeError("collectives over an MPI group need contiguous CPU tensors (GPU tensors travel through "
+                           "Horovod's process sets: call horovod_leader.init() instead of hvd.init(), or "
+                           "hvd.init(process_sets='dynamic') before it)")
+    return tensor
 
 
 class Collectives:
     """Horovod collectives with byte accounting. One instance per optimizer wrapper."""
 
     def __init__(self, name: str = "horovod_leader"):
-        import horovod.torch as hvd
+        from horovod_leader import engine
 
+        hvd = engine.active()  # Horovod, or the torch.distributed engine
         if not hvd.is_initialized():
-            raise RuntimeError("Horovod is not initialised: call horovod_leader.init() (or hvd.init()) first")
+            raise RuntimeError(f"{engine.name()} is not initialised: call horovod_leader.init() (or hvd.init()) first")
         self._hvd = hvd
         self._name = name
         self.bytes = 0
@@ -130,29 +141,44 @@ class Collectives:
     # The collectives are posted non-blocking and return a Horovod handle; ``wait(handle)``
     # returns the result (at once when ``hvd.poll(handle)`` is true). Synchronous wrappers
     # wait at once, asynchronous ones poll (see ``async_schedule.RefreshDriver``).
-    def allgather_async(self, tensor: torch.Tensor, name: str, process_set: Optional[Any] = None):
-        self.bytes += payload_bytes(tensor)
+    # ``counted=False``: a hop that forwards what this rank already counted (the node-aware
+    # exchanges' relays): ``bytes`` counts each rank's part in a method's exchange once.
+    def allgather_async(self, tensor: torch.Tensor, name: str, process_set: Optional[Any] = None,
+                        counted: bool = True):
+        """Non-blocking gather of every member's ``tensor`` along the first dimension."""
+        self.bytes += payload_bytes(tensor) if counted else 0
+        if isinstance(process_set, MPIGroup):
+            tensor = _mpi_ready(tensor).contiguous()
+            out = torch.empty((process_set.size() * tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype)
+            request = process_set.comm.Iallgather(tensor.view(torch.uint8).numpy(), out.view(torch.uint8).numpy())
+            return MPIHandle(request, out)
         return self._hvd.allgather_async(tensor, name=self._tag(name),
                                          process_set=process_set or self._hvd.global_process_set)
 
-    def broadcast_async_(self, tensor: torch.Tensor, root_rank: int, name: str, process_set: Optional[Any] = None):
+    def broadcast_async_(self, tensor: torch.Tensor, root_rank: int, name: str, process_set: Optional[Any] = None,
+                         counted: bool = True):
         """Non-blocking in-place broadcast; a dtype Horovod refuses (bool) travels as its bytes."""
         tensor = as_sendable(tensor)
-        self.bytes += payload_bytes(tensor)
+        self.bytes += payload_bytes(tensor) if counted else 0
         if isinstance(process_set, MPIGroup):
-            if tensor.device.type != "cpu" or not tensor.is_contiguous():
-                raise RuntimeError("group collectives over MPI (Horovod initialised without the groups' process "
-                                   "sets) need contiguous CPU tensors: call horovod_leader.init() instead of "
-                                   "hvd.init(), or hvd.init(process_sets='dynamic') before it")
             # MPI has no bfloat16 type: the raw bytes travel, whatever the dtype.
-            request = process_set.comm.Ibcast(tensor.view(torch.uint8).numpy(), root=process_set.ranks.index(root_rank))
+            request = process_set.comm.Ibcast(_mpi_ready(tensor).view(torch.uint8).numpy(),
+                                              root=process_set.ranks.index(root_rank))
             return MPIHandle(request, tensor)
         return self._hvd.broadcast_async_(tensor, root_rank=root_rank, name=self._tag(name),
                                           process_set=process_set or self._hvd.global_process_set)
 
-    def allreduce_async_(self, tensor: torch.Tensor, name: str, process_set: Optional[Any] = None):
-        """Non-blocking in-place sum."""
-        self.bytes += payload_bytes(tensor)
+    def allreduce_async_(self, tensor: torch.Tensor, name: str, process_set: Optional[Any] = None,
+                         counted: bool = True):
+        """Non-blocking in-place sum (float32 or float64 over an MPI group)."""
+        self.bytes += payload_bytes(tensor) if counted else 0
+        if isinstance(process_set, MPIGroup):
+            from mpi4py import MPI
+
+            if tensor.dtype not in (torch.float32, torch.float64):
+                raise RuntimeError(f"a sum over an MPI group needs float32 or float64 tensors, got {tensor.dtype}")
+            request = process_set.comm.Iallreduce(MPI.IN_PLACE, _mpi_ready(tensor).numpy(), op=MPI.SUM)
+            return MPIHandle(request, tensor)
         return self._hvd.allreduce_async_(tensor, op=self._hvd.Sum, name=self._tag(name),
                                           process_set=process_set or self._hvd.global_process_set)
 

@@ -55,6 +55,10 @@ class Codec(abc.ABC):
     def decode(self, payload: List[torch.Tensor], numel: int) -> torch.Tensor:
         """The float32 values a payload stands for."""
 
+    def decode_range(self, payload: List[torch.Tensor], start: int, count: int) -> torch.Tensor:
+        """Values ``start`` to ``start + count`` of what a payload stands for (float32)."""
+        return self.decode(payload, start + count)[start:]
+
     @abc.abstractmethod
     def payload_like(self, numel: int, device=None) -> List[torch.Tensor]:
         """Empty payload tensors for ``numel`` values (what a receiver posts its broadcast
@@ -68,6 +72,45 @@ class Codec(abc.ABC):
     def payload_bytes(self, numel: int) -> int:
         """Bytes of one payload of ``numel`` values."""
         return sum(t.numel() * t.element_size() for t in self.payload_like(numel))
+
+    # ---- in one pass over memory (the compiled kernels on the CPU; the reference otherwise)
+    def encode_diff(self, values: torch.Tensor, ref: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """``encode(values - ref)``: with the compiled extension, on the CPU, for float32,
+        float16 and bfloat16 flat tensors, the difference and the encoding are one pass and
+        the difference is taken in float32; otherwise ``encode_diff_reference``."""
+        if _kernel_applies(values, ref):
+            payload = self.payload_like(values.numel())
+            self._encode_kernel(values.detach(), None if ref is None else ref.detach(), payload)
+            return payload
+        return self.encode_diff_reference(values, ref)
+
+    def encode_diff_reference(self, values: torch.Tensor, ref: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """The plain PyTorch form of ``encode_diff``."""
+        return self.encode(values - ref if ref is not None else values)
+
+    def decode_into(self, payload: List[torch.Tensor], out: torch.Tensor, ref: Optional[torch.Tensor] = None,
+                    alpha: float = 1.0, accumulate: bool = False, start: int = 0) -> torch.Tensor:
+        """``out (+)= alpha * (decode(payload)[start:start + n] + ref)`` with n = ``out.numel()``,
+        in one pass with the compiled extension (CPU, float32/float16/bfloat16 ``out``);
+        otherwise ``decode_into_reference``. Returns ``out``."""
+        if _kernel_applies(out, ref) and all(p.device.type == "cpu" for p in payload):
+            self._decode_kernel(payload, None if ref is None else ref.detach(), out, float(alpha), bool(accumulate),
+                                int(start))
+            return out
+        return self.decode_into_reference(payload, out, ref, alpha, accumulate, start)
+
+    def decode_into_reference(self, payload: List[torch.Tensor], out: torch.Tensor,
+                              ref: Optional[torch.Tensor] = None, alpha: float = 1.0, accumulate: bool = False,
+                              start: int = 0) -> torch.Tensor:
+        """The plain PyTorch form of ``decode_into``."""
+        value = self.decode_range(payload, start, out.numel())
+        if ref is not None:
+            value = value + ref.float()
+        if accumulate:
+            out.add_(value, alpha=alpha)
+        else:
+            out.copy_(value * alpha if alpha != 1.0 else value)
+        return out
 
     def __repr__(self) -> str:
         return f"Compression.{self.name}"
@@ -85,12 +128,21 @@ class BF16(Codec):
     def decode(self, payload, numel):
         return payload[0].view(torch.bfloat16).float()[:numel]
 
+    def decode_range(self, payload, start, count):
+        return payload[0][start:start + count].view(torch.bfloat16).float()
+
     def payload_like(self, numel, device=None):
         return [torch.empty(numel, dtype=torch.int16, device=device)]
 
     def max_error(self, values):
         v = values.detach().reshape(-1).float()
         return float(v.abs().max()) * 2.0 ** -8 if v.numel() else 0.0
+
+    def _encode_kernel(self, values, ref, payload):
+        _extension().encode_bf16(values, ref, payload[0])
+
+    def _decode_kernel(self, payload, ref, out, alpha, accumulate, start):
+        _extension().decode_bf16(payload[0], ref, out, alpha, accumulate, start)
 
 
 class Int8(Codec):
@@ -120,6 +172,11 @@ class Int8(Codec):
         quantised, scales = payload
         return (quantised.view(-1, INT8_BLOCK).float() * scales[:, None]).reshape(-1)[:numel]
 
+    def decode_range(self, payload, start, count):
+        quantised, scales = payload
+        block = torch.arange(start, start + count, device=quantised.device) // INT8_BLOCK
+        return quantised[start:start + count].float() * scales[block]
+
     def payload_like(self, numel, device=None):
         blocks = (numel + INT8_BLOCK - 1) // INT8_BLOCK
         return [torch.empty(blocks * INT8_BLOCK, dtype=torch.int8, device=device),
@@ -129,6 +186,31 @@ class Int8(Codec):
         if not values.numel():
             return 0.0
         return float(self._tiles(values).abs().amax(dim=1).max()) / 127.0 / 2.0 * 1.0001
+
+    def _encode_kernel(self, values, ref, payload):
+        _extension().encode_int8(values, ref, payload[0], payload[1])
+
+    def _decode_kernel(self, payload, ref, out, alpha, accumulate, start):
+        _extension().decode_int8(payload[0], payload[1], ref, out, alpha, accumulate, start)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _extension():
+    from horovod_leader import fused
+
+    return fused._ext
+
+
+def _kernel_applies(values: torch.Tensor, ref: Optional[torch.Tensor]) -> bool:
+    """Whether the one-pass kernels take these tensors (the extension built with them, CPU,
+    flat contiguous float32/float16/bfloat16, ``ref`` alike)."""
+    ext = _extension()
+    return (ext is not None and hasattr(ext, "encode_int8") and values.device.type == "cpu" and values.dim() == 1
+            and values.is_contiguous() and values.dtype in _KERNEL_DTYPES
+            and (ref is None or (ref.dtype == values.dtype and ref.is_contiguous() and ref.device.type == "cpu"
+                                 and ref.numel() == values.numel())))
 
 
 class Compression:

@@ -54,20 +54,23 @@ class NonFiniteAtStart:
         return bool(ok.all())
 
     def pull_keeping_constants_(self, name: str, tensor: torch.Tensor, local: Optional[torch.Tensor],
-                                glob: Optional[torch.Tensor], local_pull: float, global_pull: float) -> None:
-        """``x -= a (x - L) + b (x - G)`` (``fused.leader_pull_``), except at the remembered
-        positions where x and every leader it is pulled toward hold the same value: those keep it."""
+                                glob: Optional[torch.Tensor], local_pull: float, global_pull: float,
+                                anchor: Optional[torch.Tensor] = None) -> None:
+        """``x -= a (y - L) + b (y - G)`` with y = ``anchor`` (default x; ``fused.leader_pull_``),
+        except at the remembered positions where y and every leader it is pulled toward hold
+        the same value: those keep x's value."""
         from horovod_leader import fused
 
         known = self.positions.get(name)
         if known is None:
-            fused.leader_pull_(tensor, local, glob, local_pull=local_pull, global_pull=global_pull)
+            fused.leader_pull_(tensor, local, glob, local_pull=local_pull, global_pull=global_pull, anchor=anchor)
             return
         index = known[0]
         before = tensor[index].clone()
+        reference = before if anchor is None else anchor[index]
         agree = torch.ones_like(before, dtype=torch.bool)
         for leader, pull in ((local, local_pull), (glob, global_pull)):
             if leader is not None and pull != 0.0:
-                agree &= same_value(leader[index], before)
-        fused.leader_pull_(tensor, local, glob, local_pull=local_pull, global_pull=global_pull)
+                agree &= same_value(leader[index], reference)
+        fused.leader_pull_(tensor, local, glob, local_pull=local_pull, global_pull=global_pull, anchor=anchor)
         tensor[index] = torch.where(agree, before, tensor[index])

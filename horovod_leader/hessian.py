@@ -98,7 +98,8 @@ def hutchinson_values(model: nn.Module, loss_fn: LossFn, batches: Iterable, samp
             z = _rademacher(hessian.dimension, seed, s).to(hessian.device, hessian.dtype)
             values[s] = float(torch.dot(z, hessian.product(z)))
     if size > 1:
-        import horovod.torch as hvd
+        from horovod_leader import engine
+        hvd = engine.active()
 
         # Every entry is non-zero on exactly one rank, so the sum reproduces it exactly.
         hvd.allreduce_(values, op=hvd.Sum, name="flatness.trace.values", process_set=process_set)
@@ -146,7 +147,8 @@ def top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Iterable, iters: 
         def product(v: torch.Tensor) -> torch.Tensor:
             if size == 1:
                 return hessian.product(v)
-            import horovod.torch as hvd
+            from horovod_leader import engine
+            hvd = engine.active()
 
             local = hessian.product(v, mine, divide_by=len(hessian.batches))
             return hvd.allreduce_(local, op=hvd.Sum, name="flatness.eig.hvp", process_set=process_set)
@@ -154,7 +156,8 @@ def top_eigenvalue(model: nn.Module, loss_fn: LossFn, batches: Iterable, iters: 
         start = _gaussian(hessian.dimension, seed).to(hessian.device, hessian.dtype)
         value = _lanczos_top(product, start, iters)
     if size > 1:
-        import horovod.torch as hvd
+        from horovod_leader import engine
+        hvd = engine.active()
 
         result = torch.tensor([value], dtype=torch.float64)
         root = sorted(_ranks_of(process_set))[0]
@@ -183,7 +186,10 @@ def fixed_training_batches(images: torch.Tensor, labels: torch.Tensor, batch_siz
 def cross_entropy_loss(model: nn.Module, batch) -> torch.Tensor:
     """The training loss, as ``loss_fn(model, (x, y))``."""
     x, y = batch
-    return nn.functional.cross_entropy(model(x), y)
+    out = model(x)
+    if out.dim() > 2:  # a sequence model: every position's prediction
+        return nn.functional.cross_entropy(out.flatten(0, -2), y.flatten())
+    return nn.functional.cross_entropy(out, y)
 
 
 # --------------------------------------------------------------------------- the Hessian operator
@@ -326,7 +332,8 @@ def _evaluation_mode(model: nn.Module):
 
 
 def _ranks_of(process_set) -> List[int]:
-    import horovod.torch as hvd
+    from horovod_leader import engine
+    hvd = engine.active()
 
     return list(range(hvd.size())) if process_set is hvd.global_process_set else list(process_set.ranks)
 
@@ -337,7 +344,8 @@ def _rank_and_size(process_set) -> tuple:
 
 
 def _check_process_set(process_set) -> None:
-    import horovod.torch as hvd
+    from horovod_leader import engine
+    hvd = engine.active()
 
     if not hvd.is_initialized():
         raise ValueError("process_set was given but Horovod is not initialised: call hvd.init() first, "
@@ -368,7 +376,8 @@ def _agree(process_set, kind: str, count: tuple, build: Callable[[], _Hessian]) 
     if process_set is None:
         return hessian
     _check_process_set(process_set)  # local facts about the set itself: the same on every member
-    import horovod.torch as hvd
+    from horovod_leader import engine
+    hvd = engine.active()
 
     message = (problem or "").replace("\n", " ").encode()
     fields = [-1] * 5 if hessian is None else [int(value), hessian.seed, len(hessian.batches), hessian.dimension,

@@ -1,7 +1,8 @@
 """How the ranks were launched, known without communicating: by MPI (mpirun, srun, horovodrun
-in MPI mode) or by Horovod's Gloo mode (``horovodrun --gloo``, elastic mode, a Horovod built
-without MPI); this process's world rank and the world size; and one small all-gather that
-every rank reaches whatever the launcher (``gather_from_every_rank``).
+in MPI mode), by Horovod's Gloo mode (``horovodrun --gloo``, elastic mode, a Horovod built
+without MPI), or by ``torchrun`` (the torch engine, ``horovod_leader.engine``); this process's
+world rank and the world size; and one small all-gather that every rank reaches whatever the
+launcher (``gather_from_every_rank``).
 
 What needs MPI itself says so: ``require_mpi(feature)`` raises ``MPIRequired`` with the cause
 and the fix on every rank, without communicating, when the run is in Gloo mode.
@@ -26,12 +27,22 @@ def launched_by_mpi() -> bool:
     from the environment and the build alone, so every rank gets the same answer without
     communicating.
     """
+    from horovod_leader.engine import started_by_torchrun
+
+    if started_by_torchrun():
+        return False
     controller = os.environ.get("HOROVOD_CONTROLLER", "").strip().lower()
     if controller:
         return controller != "gloo"
-    import horovod.torch as hvd
-
+    try:
+        import horovod.torch as hvd
+    except ImportError:  # no Horovod: MPI launchers say so in the environment
+        return any(variable in os.environ for variable in MPI_VARIABLES)
     return bool(hvd.mpi_built())
+
+
+#: what MPI launchers (Open MPI, MPICH and Intel MPI's Hydra, PMIx) set in every rank's environment
+MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
 
 def mpi_required_message(feature: str) -> str:
@@ -52,6 +63,10 @@ def require_mpi(feature: str) -> None:
 
 def world_rank() -> int:
     """This process's rank in the whole job, without communicating."""
+    from horovod_leader.engine import started_by_torchrun
+
+    if started_by_torchrun():
+        return int(os.environ["RANK"])
     if launched_by_mpi():
         from mpi4py import MPI
         return MPI.COMM_WORLD.Get_rank()
@@ -61,6 +76,10 @@ def world_rank() -> int:
 def world_size() -> int:
     """The number of ranks in the whole job, without communicating (in Gloo mode outside
     horovodrun, which sets ``HOROVOD_SIZE``, Horovod is initialised to ask it)."""
+    from horovod_leader.engine import started_by_torchrun
+
+    if started_by_torchrun():
+        return int(os.environ["WORLD_SIZE"])
     if launched_by_mpi():
         from mpi4py import MPI
         return MPI.COMM_WORLD.Get_size()
@@ -77,9 +96,15 @@ def _horovod_env_int(variable: str, attribute: str) -> int:
 
 
 def gather_from_every_rank(value: Any, name: str) -> List[Any]:
-    """One small all-gather of a picklable ``value`` that every rank must reach: over MPI when
-    the ranks were started by MPI, else over Horovod (Gloo), initialising it if needed.
-    Returns the values of ranks 0, 1, ... in order."""
+    """One small all-gather of a picklable ``value`` that every rank must reach: over
+    torch.distributed under torchrun, over MPI when the ranks were started by MPI, else over
+    Horovod (Gloo); each initialised if needed. Returns the values of ranks 0, 1, ... in order."""
+    from horovod_leader import engine
+
+    if engine.started_by_torchrun() and engine.choose() == "torch":
+        torch_engine = engine.activate("torch")
+        torch_engine.init()
+        return torch_engine.allgather_object(value, name=name)
     if launched_by_mpi():
         from mpi4py import MPI
         return MPI.COMM_WORLD.allgather(value)

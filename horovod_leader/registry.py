@@ -142,12 +142,12 @@ _GRAWA_PAPER = (
     ("norm_decay", 0.9 ** 8, "GRAWA code (norms smoothed by 0.9^8, bias-corrected)"),
     ("fresh_batch", 128, "GRAWA code (fresh gradient on 128 random training samples)"),
 )
-_GRAWA = dict(wrapper=GRAWA, options=("period", "pull", "prox", "norm_decay"), asynchronous=True, compression=True,
+_GRAWA = dict(wrapper=GRAWA, options=("period", "pull", "prox", "norm_decay", "overlap"), asynchronous=True, compression=True,
               period=GRAWA.DEFAULT_PERIOD, fresh_loss=True, paper=_GRAWA_PAPER)
 
 register(MethodSpec(
     "lsgd", LSGD, "LSGD", "every worker pulled toward the best worker of its node and of all nodes",
-    options=("period", "global_period", "local_pull", "global_pull", "prox", "score_window"),
+    options=("period", "global_period", "local_pull", "global_pull", "prox", "score_window", "overlap"),
     asynchronous=True, compression=True, period=LSGD.DEFAULT_PERIOD, leader=True,
     cli_defaults={"global_period": lambda args: LSGD.CLI_GLOBAL_PERIOD_FACTOR * args.period,
                   "score_window": lambda args: args.period},
@@ -166,7 +166,7 @@ register(MethodSpec(
     expected_bytes=_average_bytes(lambda tensors: 8 * (tensors + 1)), **_GRAWA))
 register(MethodSpec(
     "easgd", EASGD, "EASGD", "elastic averaging: workers and a centre variable pulled toward each other",
-    options=("period", "beta"), asynchronous=True, compression=True, period=EASGD.DEFAULT_PERIOD,
+    options=("period", "beta", "overlap"), asynchronous=True, compression=True, period=EASGD.DEFAULT_PERIOD,
     centre="EASGD centre", build=_build_easgd,
     # EASGD and local SGD at LSGD's tau_G: the authors' grid runs EASGD with comm = g_comm.
     paper=(("period", 16, "LSGD code train.sh (EASGD l_comm = g_comm)"),
@@ -174,12 +174,12 @@ register(MethodSpec(
     expected_bytes=_average_bytes(lambda tensors: 8)))
 register(MethodSpec(
     "localsgd", LocalSGD, "local SGD", "every worker replaced by the workers' average every period",
-    options=("period",), compression=True, period=LocalSGD.DEFAULT_PERIOD,
+    options=("period", "overlap"), compression=True, period=LocalSGD.DEFAULT_PERIOD,
     paper=(("period", 16, "LSGD code train.sh (EASGD l_comm = g_comm; local SGD alike)"),),
     expected_bytes=_average_bytes(lambda tensors: 8)))
 register(MethodSpec(
     "diloco", DiLoCo, "DiLoCo", "inner steps, then an outer Nesterov step on the averaged pseudo-gradient",
-    options=("period", "outer_lr", "outer_momentum"), compression=True, period=DiLoCo.CLI_PERIOD,
+    options=("period", "outer_lr", "outer_momentum", "overlap"), compression=True, period=DiLoCo.CLI_PERIOD,
     centre="outer parameters", only_here=("outer_lr", "outer_momentum"), build=_build_diloco))
 register(MethodSpec(
     "dp", DataParallel, "data-parallel SGD", "Horovod's gradient all-reduce at every step", period=1,

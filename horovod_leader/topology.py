@@ -75,6 +75,35 @@ def groups_from_colors(colors: Sequence[int]) -> List[List[int]]:
     return sorted(by_color.values(), key=lambda ranks: ranks[0])
 
 
+def _thread_multiple() -> bool:
+    """Whether MPI runs with ``MPI_THREAD_MULTIPLE``, which mpi4py's collectives need beside
+    Horovod's background thread."""
+    from mpi4py import MPI
+
+    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+
+@dataclass
+class NodeSets:
+    """One wrapper's sets for the node-aware exchanges (``Topology.node_sets``).
+
+    Attributes:
+        in_node: this rank's group: an ``MPIGroup`` or a Horovod process set.
+        leaders: the nodes' first ranks (the ones that exchange across the links); a
+            Horovod process set or an ``MPIGroup``; on other ranks it is not used.
+        node_leaders: every group's first rank, in group order.
+        relay: this group's first rank; ``is_relay``: whether this rank is it.
+        group_size: ranks in this rank's group.
+    """
+
+    in_node: Any
+    leaders: Any
+    node_leaders: List[int]
+    relay: int
+    is_relay: bool
+    group_size: int
+
+
 @dataclass
 class Topology:
     """Where this rank sits: its group (node) and the communicators for it.
@@ -100,6 +129,45 @@ class Topology:
     comm: Any = field(default=None, repr=False)
     process_sets: List[Any] = field(default_factory=list, repr=False)
     world_comm: Any = field(default=None, repr=False)
+    leaders_set: Any = field(default=None, repr=False)
+
+    @property
+    def node_leaders(self) -> List[int]:
+        """The first rank of every group: one per node, the ranks that exchange across the
+        links in the node-aware exchanges."""
+        return [ranks[0] for ranks in self.groups]
+
+    @property
+    def node_aware(self) -> bool:
+        """Whether exchanges go through one rank per node: several groups, one of them with
+        several ranks (with one node, or one rank per node, the flat exchanges are the same)."""
+        return self.leaders_set is not None
+
+    def node_sets(self, device: Any = "cpu") -> Optional["NodeSets"]:
+        """The sets one wrapper's node-aware exchanges use for tensors on ``device``, or None
+        when the flat exchanges apply (``node_aware`` is False, or the sets cannot carry
+        tensors on ``device``).
+
+        Inside the node: for CPU tensors under MPI, a private duplicate of the group's mpi4py
+        communicator (over shared memory, outside Horovod's single queue, so that an exchange
+        inside a node never waits behind one on the links; private, so that two wrappers'
+        collectives never match each other's, as MPI matches them by order and Horovod by
+        name); else the group's Horovod process set. Collective over the group when it
+        duplicates: every wrapper calls it at construction, on every rank alike.
+        """
+        from horovod_leader.comm import MPIGroup
+
+        if self.leaders_set is None:
+            return None
+        cpu = str(device).startswith("cpu")
+        if not cpu and (isinstance(self.leaders_set, MPIGroup) or isinstance(self.process_set, MPIGroup)):
+            return None  # MPI groups carry CPU tensors only: the flat Horovod exchanges
+        in_node = self.process_set
+        if cpu and self.comm is not None and _thread_multiple():
+            in_node = MPIGroup(self.comm.Dup(), self.group_ranks)
+        return NodeSets(in_node=in_node, leaders=self.leaders_set, node_leaders=self.node_leaders,
+                        relay=self.node_leaders[self.group], is_relay=self.rank == self.node_leaders[self.group],
+                        group_size=self.group_size)
 
     @property
     def num_groups(self) -> int:
@@ -173,13 +241,17 @@ def horovod_host_groups() -> List[List[int]]:
     return groups_from_host_views(views)
 
 
-def init(group_size: Optional[int] = None, comm=None) -> Topology:
-    """Initialise Horovod with one process set per group and return the Topology.
+def init(group_size: Optional[int] = None, comm=None, backend: Optional[str] = None) -> Topology:
+    """Initialise the engine (Horovod, or torch.distributed) with one process set per group and
+    return the Topology.
 
     Args:
         group_size: ranks per group. ``None`` (default) groups the ranks by node, unless the
             environment variable ``HOROVOD_LEADER_GROUP_SIZE`` is set. Must divide the world.
         comm: the mpi4py communicator to run on (default ``MPI.COMM_WORLD``); MPI only.
+        backend: ``"horovod"`` or ``"torch"`` (``horovod_leader.engine``); default: the
+            ``HOROVOD_LEADER_BACKEND`` environment variable, else ``"torch"`` when the process
+            was started by ``torchrun`` and Horovod is not initialised, else ``"horovod"``.
 
     Works under MPI launchers and in Horovod's Gloo mode (see the module docstring); in Gloo
     mode the returned ``Topology.comm`` is ``None``. Under MPI, an earlier ``init()``'s Horovod
@@ -192,10 +264,19 @@ def init(group_size: Optional[int] = None, comm=None) -> Topology:
 
     Raises:
         ValueError: on every rank, before any communication, when ``group_size`` does not
-            divide the world size or is below 1, or when ``comm`` is given without MPI.
+            divide the world size or is below 1, when ``comm`` is given without MPI, or
+            ``backend`` is not an engine (or is Horovod where it is not installed).
         RuntimeError: in Gloo mode, when Horovod was initialised by a plain ``hvd.init()``
             (it cannot be re-initialised reliably there; see ``launcher.gloo_horovod``).
     """
+    from horovod_leader import engine
+
+    if engine.choose(backend) == "torch":
+        if comm is not None:
+            raise ValueError("comm: an MPI communicator is for the Horovod engine; the torch engine runs on "
+                             "torch.distributed's default group (leave comm=None)")
+        return _init_torch(group_size)
+    engine.activate("horovod")
     if not launched_by_mpi():
         if comm is not None:
             raise ValueError(f"comm: an MPI communicator needs ranks started by MPI, and this run is in Horovod's "
@@ -215,9 +296,10 @@ def init(group_size: Optional[int] = None, comm=None) -> Topology:
     if hvd.is_initialized():
         hvd.shutdown()
     process_sets = _process_sets(groups, comm.Get_size())
-    hvd.init(comm=comm, process_sets=process_sets)
+    leaders = hvd.ProcessSet(node_leaders(groups)) if _needs_leaders(groups) else None
+    hvd.init(comm=comm, process_sets=process_sets + ([leaders] if leaders is not None else []))
     _registry["initialised_here"] = True
-    return _register(groups, process_sets, group_comm, comm)
+    return _register(groups, process_sets, group_comm, comm, leaders)
 
 
 def _attach(groups: List[List[int]], group_comm, world_comm) -> Topology:
@@ -238,15 +320,64 @@ def _attach(groups: List[List[int]], group_comm, world_comm) -> Topology:
     if os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") == "1":
         added = _registry.setdefault("dynamic_sets", {})
         process_sets = []
-        for ranks in groups:  # collective: every rank adds the same sets in the same order
+        for ranks in groups + ([node_leaders(groups)] if _needs_leaders(groups) else []):
+            # collective: every rank adds the same sets in the same order
             process_set = added.get(tuple(ranks))
             if process_set is None or not _still_registered(process_set):
                 process_set = added[tuple(ranks)] = hvd.add_process_set(ranks)
             process_sets.append(process_set)
-        return _register(groups, process_sets, group_comm, world_comm)
+        leaders = process_sets.pop() if _needs_leaders(groups) else None
+        return _register(groups, process_sets, group_comm, world_comm, leaders)
     rank = hvd.rank()
     process_sets = [MPIGroup(group_comm if rank in ranks else None, ranks) for ranks in groups]
-    return _register(groups, process_sets, group_comm, world_comm)
+    leaders = None
+    if _needs_leaders(groups):  # the node leaders' own communicator (a collective split of the world)
+        from mpi4py import MPI
+
+        first = node_leaders(groups)
+        leaders_comm = world_comm.Split(0 if rank in first else MPI.UNDEFINED, rank)
+        leaders = MPIGroup(leaders_comm if rank in first else None, first)
+    return _register(groups, process_sets, group_comm, world_comm, leaders)
+
+
+def _init_torch(group_size: Optional[int]) -> Topology:
+    """The torch engine: ``torch.distributed`` initialised from torchrun's environment (Gloo for
+    CPU tensors, NCCL for CUDA ones), groups by host name (or blocks of ``group_size``), one
+    subgroup per group and one of the nodes' first ranks. No MPI communicator."""
+    import socket
+
+    from horovod_leader import engine
+
+    torch_engine = engine.activate("torch")
+    torch_engine.init()
+    size = torch_engine.size()
+    group_size = resolve_group_size(group_size, size)
+    if group_size is not None:
+        groups = blocks_of(size, group_size)
+    else:  # the ranks of each host: every rank's host name, in rank order
+        names = torch_engine.allgather_object(socket.gethostname())
+        first = {}
+        groups = groups_from_colors([first.setdefault(name, rank) for rank, name in enumerate(names)])
+    added = _registry.setdefault("torch_sets", {})
+    process_sets = []
+    for ranks in groups + ([node_leaders(groups)] if _needs_leaders(groups) else []):
+        if len(ranks) == size:
+            continue  # the default group
+        # Collective over the whole world: every rank creates every subgroup, in the same order.
+        if tuple(ranks) not in added:
+            added[tuple(ranks)] = torch_engine.add_process_set(ranks)
+        process_sets.append(added[tuple(ranks)])
+    leaders = process_sets.pop() if _needs_leaders(groups) else None
+    return _register(groups, process_sets, None, None, leaders)
+
+
+def forget_torch_groups() -> None:
+    """The torch engine shut down: its subgroups and the topology built on them are gone."""
+    from horovod_leader.engine import ProcessSet
+
+    _registry.pop("torch_sets", None)
+    if isinstance(getattr(_registry.get("current"), "process_set", None), ProcessSet):
+        _registry.pop("current")
 
 
 def _init_gloo(group_size: Optional[int]) -> Topology:
@@ -259,7 +390,7 @@ def _init_gloo(group_size: Optional[int]) -> Topology:
     groups = blocks_of(size, group_size) if group_size is not None else horovod_host_groups()
     added = _registry.setdefault("gloo_sets", {})  # ranks -> ProcessSet, added to this initialisation
     process_sets = []
-    for ranks in groups:
+    for ranks in groups + ([node_leaders(groups)] if _needs_leaders(groups) else []):
         if len(ranks) == size:
             continue  # the global set
         process_set = added.get(tuple(ranks))
@@ -267,7 +398,8 @@ def _init_gloo(group_size: Optional[int]) -> Topology:
             # Collective: every rank adds the same sets in the same order.
             process_set = added[tuple(ranks)] = hvd.add_process_set(ranks)
         process_sets.append(process_set)
-    return _register(groups, process_sets, None)
+    leaders = process_sets.pop() if _needs_leaders(groups) else None
+    return _register(groups, process_sets, None, None, leaders)
 
 
 def _still_registered(process_set) -> bool:
@@ -277,6 +409,15 @@ def _still_registered(process_set) -> bool:
         return False
 
 
+def node_leaders(groups: List[List[int]]) -> List[int]:
+    return [ranks[0] for ranks in groups]
+
+
+def _needs_leaders(groups: List[List[int]]) -> bool:
+    """Node-aware exchanges apply: several groups, at least one of several ranks."""
+    return len(groups) > 1 and any(len(ranks) > 1 for ranks in groups)
+
+
 def _process_sets(groups: List[List[int]], size: int) -> list:
     import horovod.torch as hvd
 
@@ -284,14 +425,16 @@ def _process_sets(groups: List[List[int]], size: int) -> list:
     return [hvd.ProcessSet(ranks) for ranks in groups if len(ranks) < size]
 
 
-def _register(groups: List[List[int]], process_sets: list, group_comm, world_comm=None) -> Topology:
-    import horovod.torch as hvd
+def _register(groups: List[List[int]], process_sets: list, group_comm, world_comm=None, leaders_set=None) -> Topology:
+    from horovod_leader import engine
 
+    hvd = engine.active()
     rank = hvd.rank()
     group = next(index for index, ranks in enumerate(groups) if rank in ranks)
     all_sets = [hvd.global_process_set] if len(groups) == 1 else process_sets
     topology = Topology(rank=rank, size=hvd.size(), groups=groups, group=group,
-                        process_set=all_sets[group], comm=group_comm, process_sets=all_sets, world_comm=world_comm)
+                        process_set=all_sets[group], comm=group_comm, process_sets=all_sets, world_comm=world_comm,
+                        leaders_set=leaders_set)
     _registry["current"] = topology
     return topology
 
@@ -299,13 +442,14 @@ def _register(groups: List[List[int]], process_sets: list, group_comm, world_com
 def current() -> Topology:
     """The topology of the last ``init()``; a single group when Horovod was initialised by
     ``hvd.init()`` directly (one leader: plain LSGD)."""
-    import horovod.torch as hvd
+    from horovod_leader import engine
 
+    hvd = engine.active()
     if not hvd.is_initialized():
-        raise RuntimeError("Horovod is not initialised: call horovod_leader.init() first")
+        raise RuntimeError(f"{engine.name()} is not initialised: call horovod_leader.init() first")
     topology = _registry.get("current")
     if topology is None or topology.size != hvd.size():
-        if launched_by_mpi():  # hvd.init() alone: one group, or HOROVOD_LEADER_GROUP_SIZE's blocks
+        if engine.name() == "horovod" and launched_by_mpi():  # hvd.init() alone: one group, or HOROVOD_LEADER_GROUP_SIZE's blocks
             from mpi4py import MPI
             group_comm, groups = split_groups(MPI.COMM_WORLD, resolve_group_size(None, hvd.size()) or hvd.size())
             return _attach(groups, group_comm, MPI.COMM_WORLD)

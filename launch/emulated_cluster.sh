@@ -10,7 +10,8 @@
 # Environment:
 #   LINK_RATE          rate of every link, each direction, in tc's syntax (default 1gbit)
 #   LINK_BURST         tbf bucket size, in tc's syntax (default 256kb)
-#   EMULATED_LAUNCHER  mpirun (default), horovodrun (MPI mode) or horovodrun-gloo
+#   EMULATED_LAUNCHER  mpirun (default), horovodrun (MPI mode), horovodrun-gloo, or torchrun (the
+#                      torch.distributed engine: one torchrun per node, its rendezvous at node0)
 #   OMP_NUM_THREADS    threads per rank (default 1)
 #   MPIRUN_EXTRA       more mpirun flags (mpirun launcher)
 #   HOROVODRUN_EXTRA   more horovodrun flags (horovodrun launchers)
@@ -24,7 +25,8 @@
 #     busy-poll while they wait: mpirun and horovodrun in MPI mode run Open MPI with
 #     mpi_yield_when_idle=1 (what --oversubscribe sets on one host), since the hostfile gives
 #     every node slots of its own and Open MPI would otherwise spin on the shared cores.
-#     Gloo mode has no such setting; see BENCHMARKS.md for what it measures.
+#     Gloo mode (horovodrun-gloo, and torchrun's torch.distributed Gloo) has no such setting;
+#     see BENCHMARKS.md for what it measures.
 #
 # Only addresses in 198.18.0.0/15 (RFC 2544, benchmarking) are used: one free /24 per run,
 # nodes at .1, .2, ..., the root namespace's end of the bridge at .254, so that the launcher
@@ -34,7 +36,7 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: [LINK_RATE=1gbit] [EMULATED_LAUNCHER=mpirun|horovodrun|horovodrun-gloo] $0 NODES RANKS_PER_NODE PROGRAM [ARGS...]" >&2
+    echo "usage: [LINK_RATE=1gbit] [EMULATED_LAUNCHER=mpirun|horovodrun|horovodrun-gloo|torchrun] $0 NODES RANKS_PER_NODE PROGRAM [ARGS...]" >&2
     exit 2
 }
 say() { echo "[emulated-cluster] $*" >&2; }
@@ -47,7 +49,7 @@ NODES=$1; RANKS_PER_NODE=$2; shift 2
 LINK_RATE=${LINK_RATE:-1gbit}
 LINK_BURST=${LINK_BURST:-256kb}
 LAUNCHER=${EMULATED_LAUNCHER:-mpirun}
-case "$LAUNCHER" in mpirun|horovodrun|horovodrun-gloo) ;; *) echo "EMULATED_LAUNCHER must be mpirun, horovodrun or horovodrun-gloo, got '$LAUNCHER'" >&2; usage ;; esac
+case "$LAUNCHER" in mpirun|horovodrun|horovodrun-gloo|torchrun) ;; *) echo "EMULATED_LAUNCHER must be mpirun, horovodrun, horovodrun-gloo or torchrun, got '$LAUNCHER'" >&2; usage ;; esac
 NP=$((NODES * RANKS_PER_NODE))
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -62,6 +64,9 @@ for tool in ip tc unshare; do
 done
 if [ "$LAUNCHER" = mpirun ]; then
     command -v mpirun >/dev/null || refuse "mpirun is not on PATH: run launch/setup.sh first"
+elif [ "$LAUNCHER" = torchrun ]; then
+    TORCHRUN=${TORCHRUN:-$(dirname "$PY")/torchrun}
+    [ -x "$TORCHRUN" ] || refuse "torchrun not found next to $PY: run launch/setup.sh first"
 else
     HOROVODRUN=${HOROVODRUN:-$(dirname "$PY")/horovodrun}
     [ -x "$HOROVODRUN" ] || refuse "horovodrun not found next to $PY: run launch/setup.sh first"
@@ -85,17 +90,20 @@ fi
 ID=$(printf 'hle%x' $$)            # interface names stay under Linux's 15 characters
 IFNAME=$ID                          # the bridge, and every node's interface: one name everywhere
 BRIDGE=$ID
-NAMESPACES=(); VETHS=(); ADDRS=(); LAUNCH_PID=""; MADE_SSHD_DIR=0; MADE_NETNS_ETC=0; STATE=""; BRIDGE_MADE=0
+NAMESPACES=(); VETHS=(); ADDRS=(); LAUNCH_PID=""; NODE_PIDS=(); MADE_SSHD_DIR=0; MADE_NETNS_ETC=0; STATE=""; BRIDGE_MADE=0
 
 teardown() {
     local status=$?
     trap - EXIT INT TERM HUP
     set +e
-    if [ -n "$LAUNCH_PID" ] && kill -0 "$LAUNCH_PID" 2>/dev/null; then
-        kill -TERM "$LAUNCH_PID" 2>/dev/null
-        for _ in $(seq 50); do kill -0 "$LAUNCH_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$LAUNCH_PID" 2>/dev/null
-    fi
+    local pid
+    for pid in $LAUNCH_PID "${NODE_PIDS[@]}"; do
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid" 2>/dev/null
+            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            kill -KILL "$pid" 2>/dev/null
+        fi
+    done
     # Whatever still runs in a node (ranks, daemons, sshd) is stopped before its namespace goes.
     local ns pids
     for ns in "${NAMESPACES[@]}"; do
@@ -252,7 +260,7 @@ if [ "$LAUNCHER" = mpirun ]; then
     [ "$(id -u)" = 0 ] && CMD+=(--allow-run-as-root)
     # shellcheck disable=SC2206
     [ -n "${MPIRUN_EXTRA:-}" ] && CMD+=($MPIRUN_EXTRA)
-else
+elif [ "$LAUNCHER" != torchrun ]; then
     start_sshd
     HOSTS=$(printf "%s:$RANKS_PER_NODE," "${ADDRS[@]}"); HOSTS=${HOSTS%,}
     CMD=("$HOROVODRUN" -np "$NP" -H "$HOSTS" --network-interface "$IFNAME"
@@ -268,6 +276,25 @@ else
     # the launcher's environment, and one shared TMPDIR breaks PMIx's store).
     export PATH=$STATE/bin:$PATH
     unset TMPDIR
+fi
+if [ "$LAUNCHER" = torchrun ]; then
+    # One torchrun per node, inside the node (its namespace, its hostname, its TMPDIR), with the
+    # rendezvous at node0's address; Gloo binds to the node's one link.
+    PORT=$((29400 + $$ % 1000))
+    for i in $(seq 0 $((NODES - 1))); do
+        ip netns exec "${NAMESPACES[$i]}" unshare --uts -- env TMPDIR="$STATE/node$i/tmp" GLOO_SOCKET_IFNAME="$IFNAME" \
+            sh -c 'hostname "$1" && shift && exec "$@"' torchrun-node "node$i" \
+            "$TORCHRUN" --nnodes "$NODES" --node-rank "$i" --nproc-per-node "$RANKS_PER_NODE" \
+            --master-addr "${ADDRS[0]}" --master-port "$PORT" "$@" &
+        NODE_PIDS+=($!)
+    done
+    set +e
+    STATUS=0
+    for pid in "${NODE_PIDS[@]}"; do wait "$pid" || STATUS=$?; done
+    set -e
+    NODE_PIDS=()
+    [ "$STATUS" = 0 ] || say "a node's torchrun exited with status $STATUS"
+    exit "$STATUS"
 fi
 CMD+=("$PY" "$@")
 # In the background, so that a signal reaches the trap at once and the teardown runs.

@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
-# Set up (idempotent), then compare LSGD with data-parallel SGD, EASGD and MGRAWA on MNIST-1D's
-# wide MLP (4.1M parameters: a 16 MB exchange), the same training-time budget each, then the report.
+# Set up (idempotent), then compare data-parallel SGD with the methods the benchmarks show best,
+# on MNIST-1D's wide MLP (4.1M parameters: a 16 MB exchange), the same training-time budget
+# each, in one launch (python -m horovod_leader.compare), then one line per method and a plot.
 #
 # As root, where network namespaces can be made: on an emulated cluster of 2 nodes x 2 ranks
-# joined by 1 Gbit/s links (launch/emulated_cluster.sh), where communication costs what it
+# joined by links of LINK_RATE (launch/emulated_cluster.sh), where communication costs what it
 # costs on a cluster. Elsewhere: one node of 4 ranks over shared memory, in 2 groups of 2,
 # and it says so.
 #   bash launch/quickstart.sh
-# Environment: BUDGET (seconds of training per method, default 20), EVAL_EVERY (seconds of
-# training between evaluations, default 5), LINK_RATE (default 1gbit), EMULATE (auto, yes or
-# no; default auto), OUT (default runs/quickstart).
+# Environment: BUDGET (seconds of training per method, default 15), EVAL_EVERY (seconds of
+# training between evaluations, default 1.5), LINK_RATE (default 100mbit), EMULATE (auto, yes
+# or no; default auto), OUT (default runs/quickstart), METHODS (default below: each an --algo
+# value with its own options).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/launch/setup.sh"
 PY=$ROOT/.venv/bin/python
-BUDGET=${BUDGET:-20}
-EVAL_EVERY=${EVAL_EVERY:-5}
-LINK_RATE=${LINK_RATE:-1gbit}
+BUDGET=${BUDGET:-15}
+EVAL_EVERY=${EVAL_EVERY:-1.5}
+LINK_RATE=${LINK_RATE:-100mbit}
 EMULATE=${EMULATE:-auto}
 OUT=${OUT:-$ROOT/runs/quickstart}
-METHODS=(lsgd dp easgd mgrawa)
+if [ -n "${METHODS:-}" ]; then read -r -a CHOSEN <<<"$METHODS"; else CHOSEN=(dp lsgd mgrawa localsgd); fi
 say() { echo "[quickstart] $*"; }
+START=$SECONDS
 
 # Why the emulated cluster cannot run here (empty: it can).
 why_not_emulated() {
@@ -39,55 +42,56 @@ case "$EMULATE" in
     *) echo "EMULATE must be auto, yes or no, got '$EMULATE'" >&2; exit 2 ;;
 esac
 if [ -z "$REASON" ]; then
-    WHERE="an emulated cluster of 2 nodes x 2 ranks, links of $LINK_RATE each way (no added latency; one machine's CPU serves both nodes)"
+    WHERE="2 emulated nodes x 2 ranks, links of $LINK_RATE"
 else
-    WHERE="one node of 4 ranks over shared memory, in 2 groups of 2"
-    say "no emulated cluster: $REASON. Falling back to $WHERE."
-    say "Over shared memory communication is almost free, so this run cannot show what LSGD saves on a slow network."
+    WHERE="one node of 4 ranks over shared memory"
+    say "no emulated cluster: $REASON. Falling back to $WHERE, in 2 groups of 2."
+    say "Over shared memory communication is almost free, so this run cannot show what the methods save on a slow network."
 fi
 
-say "Comparing LSGD, data-parallel SGD, EASGD and MGRAWA on MNIST-1D (wide MLP) on $WHERE,"
-say "${BUDGET} s of training each (evaluation excluded), --preset paper (lr 0.1, momentum 0.9 Nesterov, batch 128 per worker)."
-say "Periods: LSGD averages toward its node's leader every tau=4 steps and toward the global leader every"
-say "tau_G=16 steps (the only exchange that crosses the links); EASGD tau=16 (equal to LSGD's tau_G);"
-say "MGRAWA tau=32 (its paper's); data-parallel SGD all-reduces the gradients every step."
-say "MNIST-1D: generated once and cached (about 12 s the first time)."
-"$PY" -c "from horovod_leader.training import data; data.load('mnist1d')"
+say "Comparing ${CHOSEN[*]} on MNIST-1D (wide MLP) on $WHERE: ${BUDGET} s of training each"
+say "(evaluation excluded), --preset paper; every method's curve is its centre (the workers' average)."
+"$PY" -c "from horovod_leader.training import data; data.load('mnist1d')"  # generated once, then cached
 
 rm -rf "$OUT"
-COMMON=(-m horovod_leader.train --preset paper --dataset mnist1d --model mlp --time-budget "$BUDGET"
-        --eval-every "$EVAL_EVERY" --checkpoint-every 0 --no-progress)
-for algo in "${METHODS[@]}"; do
-    say "== $algo"
-    if [ -z "$REASON" ]; then
-        LINK_RATE=$LINK_RATE bash "$ROOT/launch/emulated_cluster.sh" 2 2 "${COMMON[@]}" --algo "$algo" --out "$OUT/$algo"
-    else
-        bash "$ROOT/launch/mpirun.sh" 4 "${COMMON[@]}" --group-size 2 --algo "$algo" --out "$OUT/$algo"
-    fi
-    rm -rf "$OUT/$algo/checkpoints"
+ARGS=(-m horovod_leader.compare --methods "${CHOSEN[@]}" --out "$OUT" --preset paper --dataset mnist1d --model mlp
+      --time-budget "$BUDGET" --eval-every "$EVAL_EVERY" --eval-subset 2000 --checkpoint-every 0 --no-progress)
+if [ -z "$REASON" ]; then
+    LINK_RATE=$LINK_RATE bash "$ROOT/launch/emulated_cluster.sh" 2 2 "${ARGS[@]}"
+else
+    bash "$ROOT/launch/mpirun.sh" 4 "${ARGS[@]}" --group-size 2
+fi
+RUNS=()
+for method in "${CHOSEN[@]}"; do
+    name=$("$PY" -c "import shlex, sys; from horovod_leader.training.compare import run_name; print(run_name(shlex.split(sys.argv[1])))" "$method")
+    rm -rf "$OUT/$name/checkpoints"
+    RUNS+=("$OUT/$name")
 done
-
-# The target: data-parallel SGD's final accuracy, so that the time column reads "time to reach
-# what data-parallel SGD reached in its budget".
-TARGET=$("$PY" - "$OUT/dp" <<'EOF'
+"$PY" - "$WHERE" "${RUNS[@]}" <<'EOF'
+import json
+import subprocess
 import sys
 from pathlib import Path
-from horovod_leader.training.report import accuracy_of, load_run
-print(f"{accuracy_of(load_run(Path(sys.argv[1]))['records'][-1]):.4f}")
+
+from horovod_leader.training.report import curve, load_run
+
+where, folders = sys.argv[1], [Path(f) for f in sys.argv[2:]]
+runs = [load_run(folder) for folder in folders]
+target = curve(runs[0])[-1][1]  # data-parallel SGD's accuracy at the budget
+out = folders[0].parent / "report"
+subprocess.run([sys.executable, "-m", "horovod_leader.report", *map(str, folders), "--target", f"{target:.4f}",
+                "--out", str(out), "--title", f"MNIST-1D, 4 workers, {where}"], check=True, capture_output=True)
+print(f"\nOn {where}; the target is {runs[0]['name']}'s accuracy at the budget, {100 * target:.1f}%.")
+for run, folder in zip(runs, folders):
+    pts, last = curve(run), run["records"][-1]
+    reached = next((t for t, a in pts if a >= target), None)
+    steps_per_s = last["step"] / last["train_seconds"]
+    links = [json.loads(p.read_text()) for p in sorted((folder / "links").glob("*.json"))]
+    link = (f"{sum(l['train']['tx'] for l in links) / len(links) / last['step'] / 1e6:6.2f} MB/step on each link"
+            if links and where.startswith("2 emulated") else "no link (shared memory)")
+    print(f"  {run['name']:18s} accuracy {100 * pts[-1][1]:5.1f}% at {last['train_seconds']:4.1f} s, "
+          f"target {'not reached' if reached is None else f'reached at {reached:4.1f} s'}, "
+          f"{steps_per_s:5.2f} steps/s, {link}")
+print(f"plot: {out / 'test_accuracy_vs_time.png'}  (table: {out / 'report.md'})")
 EOF
-)
-RUNS=()
-for algo in "${METHODS[@]}"; do RUNS+=("$OUT/$algo"); done
-"$PY" -m horovod_leader.report "${RUNS[@]}" --target "$TARGET" --out "$OUT/report"
-"$PY" - "$OUT/report/summary.json" "$TARGET" "$WHERE" <<'EOF'
-import json, sys
-summaries, target, where = json.load(open(sys.argv[1])), float(sys.argv[2]), sys.argv[3]
-print(f"\nOn {where}: the target {target:.4f} is data-parallel SGD's final accuracy.")
-for s in summaries:
-    reached = "not reached" if s["time_to_target_s"] is None else f"reached at {s['time_to_target_s']:.1f} s"
-    final = "-" if s["final_accuracy"] is None else f"{s['final_accuracy']:.4f}"
-    print(f"  {s['method']:7s} {s['steps_per_s']:6.1f} steps/s, {s['bytes_per_step'] / 1e6:6.2f} MB/step/worker, "
-          f"final accuracy {final} ({s['curve_of']}) after {s['train_seconds']:.1f} s of training, target {reached}")
-print("A synchronous run checks the budget every tau steps (data-parallel SGD every 10), so it may train "
-      "slightly past it: the seconds above are what each one used.")
-EOF
+say "done in $((SECONDS - START)) s (set-up included)."

@@ -3,15 +3,21 @@
 #   1. Open MPI (the one on PATH; otherwise Debian's packages when run as root with apt)
 #   2. .venv with the pinned requirements.txt
 #   3. Horovod 0.28.1 built from PyPI's sdist with PyTorch + MPI + Gloo, cached as a wheel
+#      (for the CPU on a machine with no GPU, which builds in about half the time)
 #   4. this package, installed editable (with its compiled extension when a compiler is there)
 #   5. horovodrun --check-build, failing loudly if PyTorch, MPI or Gloo is missing
-# A warm re-run only checks stamps and finishes in seconds.
+# Each step says how long it took. A warm re-run only checks stamps and finishes in seconds.
+# Without Horovod (HOROVOD_LEADER_SKIP_HOROVOD=1, or when its build fails) the toolkit runs on
+# its torch.distributed engine (launched by torchrun); the set-up says so.
 #
 # Environment knobs:
 #   HOROVOD_LEADER_VENV   where the virtual environment goes            (default: <repo>/.venv)
 #   HOROVOD_LEADER_CACHE  where the built Horovod wheel is kept         (default: ~/.cache/horovod_leader)
 #   PYTHON                the interpreter the venv is made from        (default: python3)
 #   CUDA_HOME             CUDA toolkit for a GPU build (default: /usr/local/cuda when it exists)
+#   HOROVOD_LEADER_GPU    auto (default: build for CUDA when a toolkit is there and a GPU is
+#                         visible), yes (build for CUDA whenever a toolkit is there) or no
+#   HOROVOD_LEADER_SKIP_HOROVOD=1  do not build Horovod: the torch engine only
 #   HOROVOD_*             passed through to Horovod's build (e.g. HOROVOD_GPU_OPERATIONS=NCCL)
 set -euo pipefail
 
@@ -20,7 +26,11 @@ VENV=${HOROVOD_LEADER_VENV:-$ROOT/.venv}
 CACHE=${HOROVOD_LEADER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/horovod_leader}
 PYTHON=${PYTHON:-python3}
 HOROVOD_VERSION=0.28.1
+START=$SECONDS
+STEP_START=$SECONDS
 say() { echo "[setup] $*"; }
+# The end of a step: how long it took.
+took() { say "$* ($((SECONDS - STEP_START)) s)"; STEP_START=$SECONDS; }
 die() { echo "[setup] ERROR: $*" >&2; exit 1; }
 hash_of() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
 
@@ -37,6 +47,7 @@ else
        (e.g. 'module load openmpi') or install Open MPI with its development headers
        (Debian/Ubuntu: apt-get install openmpi-bin libopenmpi-dev), then run this again."
 fi
+took "MPI ready"
 
 # ---------------------------------------------------------------- 2. virtual environment
 if [ ! -x "$VENV/bin/python" ]; then
@@ -49,6 +60,7 @@ if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$(hash_of "$ROOT/requirements.txt")" 
     say "installing pinned requirements (torch is large: this takes a few minutes the first time)"
     "$PY" -m pip install -q -r "$ROOT/requirements.txt"
     hash_of "$ROOT/requirements.txt" >"$REQ_STAMP"
+    took "requirements installed"
 else
     say "requirements: up to date"
 fi
@@ -78,16 +90,32 @@ CHANGED=0
 # ---------------------------------------------------------------- 3. Horovod
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
 # Horovod's CMake looks for a CUDA toolkit whenever torch is a CUDA build; say where it is,
-# or build CPU-only when there is none.
-if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then BUILD_FLAVOUR=cuda; else BUILD_FLAVOUR=cpu; unset CUDA_HOME; fi
+# or build CPU-only when there is none, or when no GPU is visible (HOROVOD_LEADER_GPU=auto):
+# a CUDA build there costs minutes and serves nothing.
+GPU_CHOICE=${HOROVOD_LEADER_GPU:-auto}
+case "$GPU_CHOICE" in auto|yes|no) ;; *) die "HOROVOD_LEADER_GPU must be auto, yes or no, got '$GPU_CHOICE'" ;; esac
+gpu_visible() { command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; }
+if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] && [ "$GPU_CHOICE" != no ] \
+        && { [ "$GPU_CHOICE" = yes ] || gpu_visible; }; then
+    BUILD_FLAVOUR=cuda
+else
+    if [ -n "${CUDA_HOME:-}" ] && [ "$GPU_CHOICE" = auto ]; then
+        say "a CUDA toolkit but no GPU here: building for the CPU (HOROVOD_LEADER_GPU=yes builds for CUDA)"
+    fi
+    BUILD_FLAVOUR=cpu; unset CUDA_HOME; export HOROVOD_LEADER_NO_CUDA=1
+fi
 HVD_FLAGS=$(env | grep '^HOROVOD_' | grep -v '^HOROVOD_LEADER_' | sort | tr '\n' ' ' || true)
 WHEEL_DIR="$CACHE/horovod-$HOROVOD_VERSION-torch$TORCH_TAG-$BUILD_FLAVOUR-$(hash_of <(echo "$HVD_FLAGS"))"
 
-if [ -n "$HOROVOD_OK" ]; then
+HOROVOD_SKIPPED=""
+if [ "${HOROVOD_LEADER_SKIP_HOROVOD:-0}" = 1 ]; then
+    HOROVOD_SKIPPED="HOROVOD_LEADER_SKIP_HOROVOD=1"
+    say "Horovod: skipped ($HOROVOD_SKIPPED): the toolkit runs on its torch.distributed engine (launch with torchrun)"
+elif [ -n "$HOROVOD_OK" ]; then
     say "Horovod $HOROVOD_VERSION: already installed"
 else
     if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
-        say "building Horovod $HOROVOD_VERSION from source ($BUILD_FLAVOUR; about 7 minutes on 2 cores)"
+        say "building Horovod $HOROVOD_VERSION from source ($BUILD_FLAVOUR; minutes: see BENCHMARKS.md for the time measured)"
         BUILD=$(mktemp -d)
         trap 'rm -rf "$BUILD"' EXIT
         "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$BUILD"
@@ -112,19 +140,25 @@ else
                 export HOROVOD_CUDA_HOME="$CUDA_HOME" CUDAToolkit_ROOT="$CUDA_HOME" PATH="$CUDA_HOME/bin:$PATH"
             fi
             "$PY" -m pip wheel --no-build-isolation --no-deps -w "$WHEEL_DIR" . >"$WHEEL_DIR/build.log" 2>&1
-        ) || { tail -40 "$WHEEL_DIR/build.log" >&2; rm -f "$WHEEL_DIR"/*.whl; die "Horovod build failed (full log: $WHEEL_DIR/build.log)"; }
+        ) || { tail -40 "$WHEEL_DIR/build.log" >&2; rm -f "$WHEEL_DIR"/*.whl
+               HOROVOD_SKIPPED="its build failed (log: $WHEEL_DIR/build.log)"; }
+        [ -z "$HOROVOD_SKIPPED" ] && took "Horovod built"
     else
         say "Horovod $HOROVOD_VERSION: reusing cached wheel in $WHEEL_DIR"
     fi
-    "$PY" -m pip install -q --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
-    CHANGED=1
+    if [ -z "$HOROVOD_SKIPPED" ]; then
+        "$PY" -m pip install -q --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
+        CHANGED=1
+    else
+        say "WARNING: no Horovod, $HOROVOD_SKIPPED: the toolkit runs on its torch.distributed engine (launch with torchrun)"
+    fi
 fi
 
 # ---------------------------------------------------------------- 4. this package
 # The fused-update extension is built in place (C++ always, CUDA too when a toolkit is there),
 # then the package is installed editable. Without a compiler the PyTorch fallback is used.
 PKG_STAMP="$VENV/.package.sha"
-PKG_HASH=$(hash_of "$ROOT/setup.py" $(find "$ROOT/horovod_leader/csrc" -type f 2>/dev/null | sort))
+PKG_HASH=$(hash_of "$ROOT/setup.py" $(find "$ROOT/horovod_leader/csrc" -type f 2>/dev/null | sort) <(echo "$BUILD_FLAVOUR"))
 if [ "$(cat "$PKG_STAMP" 2>/dev/null)" != "$PKG_HASH" ] || [ -z "$BACKEND" ]; then
     say "building the fused-update extension (C++, and CUDA when a toolkit is present: about a minute)"
     if ! (cd "$ROOT" && "$PY" setup.py -q build_ext --inplace >"$VENV/.extension-build.log" 2>&1); then
@@ -137,6 +171,7 @@ if [ "$(cat "$PKG_STAMP" 2>/dev/null)" != "$PKG_HASH" ] || [ -z "$BACKEND" ]; th
     echo "$PKG_HASH" >"$PKG_STAMP"
     CHANGED=1
     eval "$(probe)"
+    took "horovod_leader installed"
 else
     say "horovod_leader: up to date"
 fi
@@ -144,6 +179,10 @@ say "fused update backend: $BACKEND"
 
 # ---------------------------------------------------------------- 5. check
 # After any install (or once per venv), Horovod's own check must list PyTorch, MPI and Gloo.
+if [ -n "$HOROVOD_SKIPPED" ]; then
+    say "ready in $((SECONDS - START)) s, without Horovod ($HOROVOD_SKIPPED): torch.distributed engine only; activate with 'source $VENV/bin/activate'"
+    exit 0
+fi
 if [ "$CHANGED" = 1 ] || [ ! -f "$VENV/.check-build.ok" ]; then
     rm -f "$VENV/.check-build.ok"
     CHECK=$(PATH="$VENV/bin:$PATH" "$VENV/bin/horovodrun" --check-build)
@@ -152,4 +191,4 @@ if [ "$CHANGED" = 1 ] || [ ! -f "$VENV/.check-build.ok" ]; then
     done
     echo "$CHECK" >"$VENV/.check-build.ok"
 fi
-say "ready: Horovod $HOROVOD_VERSION with PyTorch, MPI and Gloo; activate with 'source $VENV/bin/activate'"
+say "ready in $((SECONDS - START)) s: Horovod $HOROVOD_VERSION with PyTorch, MPI and Gloo; activate with 'source $VENV/bin/activate'"

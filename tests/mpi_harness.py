@@ -52,6 +52,30 @@ def run_mpi(script: str, *args: str, np: int = 4, timeout: float = 300, env: Opt
     return result
 
 
+def run_torchrun(script: str, *args: str, np: int = 4, timeout: float = 300, env: Optional[Dict[str, str]] = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """Run tests/mpi/<script> on ``np`` ranks started by torchrun on this machine (the torch
+    engine); fail (not hang) after ``timeout`` seconds."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + str(MPI_DIR) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    full_env.update(env or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(np),
+           str(MPI_DIR / script), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                            cwd=str(REPO), start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{script} under torchrun hung: no exit within {timeout}s\n{out[-6000:]}")
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    if check and proc.returncode != 0:
+        pytest.fail(f"{script} under torchrun exited {proc.returncode}\n{out[-8000:]}")
+    return result
+
+
 def expect_passes(result: subprocess.CompletedProcess, checks: Iterable[str], np: int = 4) -> None:
     passed = set(re.findall(r"PASS (\S+) rank=(\d+)", result.stdout))
     missing = [(c, r) for c in checks for r in range(np) if (c, str(r)) not in passed]

@@ -77,7 +77,8 @@ def test_four_rank_run_and_report(tmp_path):
                              str(tmp_path / "report")], capture_output=True, text=True, env=ENV, timeout=120)
     assert report.returncode == 0, report.stderr
     assert "| lsgd | lsgd |" in report.stdout and "time to 0.90" in report.stdout
-    for name in ("test_error_vs_time.png", "leader_over_time.png", "communication.png", "report.md"):
+    for name in ("test_accuracy_vs_time.png", "test_error_vs_time.png", "leader_over_time.png", "communication.png",
+                 "report.md"):
         assert (tmp_path / "report" / name).stat().st_size > 0
 
 

@@ -177,3 +177,17 @@ def test_wrapper_contract_and_registry():
     result = run_mpi("contract_checks.py", timeout=300)
     expect_passes(result, ["contract_signatures", *[f"round_trip_{w}" for w in wrappers], "foreign_state_dicts",
                            "registry_builds_every_method"])
+
+
+def test_overlapped_rounds_and_node_aware_exchanges():
+    """Overlapped rounds against hand computations and resumed mid-round; node-aware averages
+    against flat ones; LSGD's node-aware broadcast (tests/mpi/overlap_checks.py)."""
+    methods = ["localsgd", "easgd", "grawa", "diloco", "lsgd"]
+    checks = [f"overlap_d{d}_{m}" for d in (0, 2) for m in methods] + [f"resume_mid_round_{m}" for m in methods]
+    checks += ["overlap_is_refused_where_it_cannot_be"]
+    checks += [f"node_average_equals_flat_{m}" for m in ("localsgd", "mgrawa", "lgrawa", "easgd", "diloco")]
+    checks += ["node_compressed_bf16", "node_compressed_int8", "lsgd_node_broadcast_exact"]
+    overlapped = ("localsgd", "mgrawa", "easgd", "diloco", "lsgd")
+    checks += [f"overlap_node_aware_buffers_{m}" for m in overlapped] + [f"overlap_uneven_close_{m}" for m in overlapped]
+    result = run_mpi("overlap_checks.py", timeout=300)
+    expect_passes(result, checks)

@@ -113,6 +113,14 @@ bool has_cuda() {
 #endif
 }
 
+// csrc/codec.cpp: the compressed exchanges' codecs in one pass
+void encode_bf16(const at::Tensor& x, const std::optional<at::Tensor>& ref, at::Tensor out);
+void encode_int8(const at::Tensor& x, const std::optional<at::Tensor>& ref, at::Tensor q, at::Tensor scales);
+void decode_bf16(const at::Tensor& payload, const std::optional<at::Tensor>& ref, at::Tensor out, double alpha,
+                 bool accumulate, int64_t start);
+void decode_int8(const at::Tensor& q, const at::Tensor& scales, const std::optional<at::Tensor>& ref, at::Tensor out,
+                 double alpha, bool accumulate, int64_t start);
+
 }  // namespace horovod_leader
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -124,4 +132,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("weight_decay"), pybind11::arg("nesterov"), pybind11::arg("local_pull"),
              pybind11::arg("global_pull"), pybind11::arg("first_step"));
   module.def("has_cuda", &horovod_leader::has_cuda, "Whether the CUDA kernel was compiled in");
+  module.def("encode_bf16", &horovod_leader::encode_bf16, "bf16 payload of x - ref, in one pass (CPU)");
+  module.def("encode_int8", &horovod_leader::encode_int8, "int8 payload (values, scales) of x - ref, in one pass (CPU)");
+  module.def("decode_bf16", &horovod_leader::decode_bf16, "out (+)= alpha (decode + ref), in one pass (CPU)");
+  module.def("decode_int8", &horovod_leader::decode_int8, "out (+)= alpha (decode + ref), in one pass (CPU)");
 }

@@ -15,6 +15,7 @@ import torch
 
 from horovod_leader.comm import Collectives
 from horovod_leader.compression import Codec
+from horovod_leader.optim.node_average import Part, fill_weighted, node_mean
 from horovod_leader.packing import FlatBuffer, key_name
 
 
@@ -33,18 +34,8 @@ def post_weighted_sum(comm: Collectives, flats: Dict, out: Dict, weights: Option
         buf = out.get(key)
         if buf is None:
             buf = out[key] = flat.accumulator()
-        count = len(flat.tensors)
-        with torch.no_grad():
-            if not contribute:
-                buf.zero_()
-            elif weights is None:
-                buf.copy_(flat.flat)
-            elif weights.numel() == 1:
-                buf.copy_(flat.flat).mul_(float(weights))
-            else:
-                for src, dst, w in zip(flat.views(flat.flat), flat.views(buf), weights[offset:offset + count].tolist()):
-                    dst.copy_(src).mul_(w)
-        offset += count
+        fill_weighted(flat, buf, weights, contribute, offset)
+        offset += len(flat.tensors)
         handles.append(comm.allreduce_async_(buf, name=f"{name}.{key_name(key)}"))
     return handles
 
@@ -63,8 +54,8 @@ class CompressedGather:
         for key, flat in flats.items():
             ref = refs.get(key)
             with torch.no_grad():
-                diff = (flat.flat - ref if ref is not None else flat.flat) if contribute else torch.zeros_like(flat.flat)
-            payload = self.codec.encode(diff)
+                payload = (self.codec.encode_diff(flat.flat, ref) if contribute  # one pass
+                           else self.codec.encode(torch.zeros_like(flat.flat)))
             self._counts.append(len(payload))
             for j, part in enumerate(payload):
                 handles.append(comm.allgather_async(part.reshape(1, -1), name=f"{name}.{key_name(key)}.{j}"))
@@ -82,17 +73,17 @@ class CompressedGather:
                 buf = out[key] = flat.accumulator()
             total = torch.zeros(flat.numel, dtype=torch.float32, device=flat.flat.device)
             ref = refs.get(key)
+            reference = ref.float() if ref is not None else None
             columns = len(flat.tensors)
             for worker in range(gathered[0].shape[0]):
                 w = weights[worker]
                 w = w[column:column + columns] if w.numel() > 1 else w.expand(columns)
                 if not bool((w != 0).any()):
                     continue
-                diff = self.codec.decode([g[worker] for g in gathered], flat.numel).to(total.device)
-                if ref is not None:
-                    diff = diff + ref.float()
-                for o, n, weight in zip(flat.offsets, flat.numels, w.tolist()):
-                    total[o:o + n].add_(diff[o:o + n], alpha=weight)
+                payload = [g[worker] for g in gathered]
+                for o, n, weight in zip(flat.offsets, flat.numels, w.tolist()):  # one pass per tensor
+                    self.codec.decode_into(payload, total[o:o + n], None if reference is None else reference[o:o + n],
+                                           alpha=weight, accumulate=True, start=o)
             buf.copy_(total)
             column += columns
 
@@ -153,6 +144,21 @@ class MeanRound:
         handles += post_weighted_sum(comm, buffers, self.buffers, None, healthy, "buffers")
         handles += self.others.post(comm, others or {}, "others")
         return handles
+
+    def run(self, comm: Collectives, nodes, params: Dict, buffers: Dict, healthy: bool,
+            refs: Optional[Dict] = None, others: Optional[Dict] = None):
+        """The whole round, a generator for ``yield from``: the flat exchange (``post`` then
+        ``finish``), or, over a wrapper's ``nodes`` (``Topology.node_sets``), the node-aware
+        one (``horovod_leader.optim.node_average``: one payload per node across the links,
+        compressed on that hop only). Returns how many workers were healthy."""
+        if nodes is None:
+            results = yield self.post(comm, params, buffers, healthy, refs=refs, others=others)
+            return self.finish(results)
+        codec = self._gather.codec if self._gather is not None else None
+        extra = self.others.post(comm, others or {}, "others")
+        parts = [Part(params, self.params, None, codec, dict(refs or {})), Part(buffers, self.buffers)]
+        _, count = yield from node_mean(comm, nodes, parts, healthy, "mean", extra=extra)
+        return count
 
     def finish(self, results: Optional[List] = None) -> int:
         """Once the posted collectives are done (``results``: what the round's ``yield``

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+from dataclasses import dataclass
 import logging
 from typing import Any, Dict, List, Optional
 
@@ -47,6 +48,60 @@ def model_signature(model: torch.nn.Module) -> str:
     parts = [f"p:{name}:{tuple(t.shape)}:{t.dtype}" for name, t in model.named_parameters()]
     parts += [f"b:{name}:{tuple(t.shape)}:{t.dtype}" for name, t in model.named_buffers()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16] + f"/{len(parts)}"
+
+
+def _refuse_overlap_with_async(overlap, asynchronous) -> None:
+    if asynchronous is True and not (isinstance(overlap, int) and overlap == 0):
+        raise ValueError(f"overlap={overlap!r} is for synchronous rounds: asynchronous rounds already run while the "
+                         "workers step (give overlap=0 with asynchronous=True)")
+
+
+_NAMED = "__named_buffers__"
+
+
+def _pack(value):
+    """A round's outcome as plain data: dicts keyed by packed-buffer keys become
+    ``{"__named_buffers__": {name: tensor}}``; tensors are copied."""
+    if isinstance(value, dict):
+        if value and all(isinstance(k, tuple) and len(k) == 2 and isinstance(k[0], torch.dtype) for k in value):
+            return {_NAMED: {key_name(k): _pack(v) for k, v in value.items()}}
+        return {k: _pack(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_pack(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return value
+
+
+def _unpack(value, keys: Dict[str, Any], device):
+    """``_pack``'s inverse, tensors moved to ``device`` (the model's)."""
+    if isinstance(value, dict):
+        if set(value) == {_NAMED}:
+            return {keys[name]: _unpack(v, keys, device) for name, v in value[_NAMED].items()}
+        return {k: _unpack(v, keys, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unpack(v, keys, device) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return value
+
+
+@dataclass
+class InFlight:
+    """An overlapped round: posted at its round's step, applied ``overlap`` steps later.
+
+    Attributes:
+        number: the round's number.
+        apply_at: the step (``steps``) at which every rank applies it.
+        snapshot: what was sent, ``{"params": {key: flat}, "buffers": {key: flat}}``: the
+            corrections are computed from it.
+        header: the handle of the round's announcement (``round.header``), or None.
+    """
+
+    number: int
+    apply_at: int
+    snapshot: Dict[str, Dict[Any, torch.Tensor]]
+    header: Any = None
 
 
 def scalar_loss(loss) -> Any:
@@ -92,12 +147,22 @@ class DistributedWrapper(abc.ABC):
 
     #: used in Horovod collective names and in logs
     name = "wrapper"
+    #: synchronous rounds are announced by a ``round.header`` all-reduce, which ranks that closed
+    #: early wait for (``_join_rounds``); LSGD announces its refreshes in its score rows instead
+    _announces_rounds = True
+    #: whether the rounds average or broadcast through the nodes' first ranks when the topology
+    #: is node-aware (``Topology.node_sets``: built, collectively, at construction)
+    _uses_node_sets = False
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *, period: int,
-                 topology: Optional[Topology] = None, broadcast_buffers: bool = True):
+                 topology: Optional[Topology] = None, broadcast_buffers: bool = True, overlap: int = 0):
         from horovod_leader.validation import check_int
 
         self.period = check_int("period", period)
+        self.overlap = check_int("overlap", overlap, minimum=0)
+        if self.overlap >= self.period:
+            raise ValueError(f"overlap={self.overlap} must be smaller than period={self.period}: a round is applied "
+                             "before the next one starts")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(model, torch.nn.Module):
@@ -120,6 +185,8 @@ class DistributedWrapper(abc.ABC):
         self._reset_since_step = False
         self.asynchronous = False
         self._schedule = None  # an AsyncSchedule in asynchronous mode (see _setup_rounds)
+        self._in_flight: Optional[InFlight] = None  # an overlapped round, posted, to be applied later
+        self._pending_outcome: Any = None  # what the round in flight will apply (for state_dict)
         for what, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if tensor.dtype == torch.bfloat16 and tensor.device.type != "cuda":
                 raise ValueError(f"model: {what!r} is bfloat16 on {tensor.device}, which Horovod cannot send "
@@ -147,6 +214,8 @@ class DistributedWrapper(abc.ABC):
         self._registrations_seen = _registrations[0]
         self._model_param_ids = tuple(id(p) for p in model.parameters())
         self._group_sizes = self._optimizer_layout()
+        device = next((flat.device for flat in self.params.values()), torch.device("cpu"))
+        self._nodes = self.topology.node_sets(device) if self._uses_node_sets else None
 
     # ------------------------------------------------------------------ topology and checks
     @property
@@ -167,7 +236,7 @@ class DistributedWrapper(abc.ABC):
     def _settings(self) -> Dict[str, Any]:
         """The constructor's settings that every rank must give alike (compared at
         construction by ``_check_agreement``); subclasses add theirs."""
-        return {"wrapper": type(self).__name__, "broadcast_buffers": self.broadcast_buffers}
+        return {"wrapper": type(self).__name__, "broadcast_buffers": self.broadcast_buffers, "overlap": self.overlap}
 
     def _check_agreement(self) -> None:
         """Every rank must wrap the same architecture with the same settings: one all-gather of
@@ -330,13 +399,36 @@ class DistributedWrapper(abc.ABC):
     def _average(self, mean, number: int, joined: bool, refs: Optional[Dict] = None, what: str = "averaging round"):
         """The mean round of the averaging methods (a generator, for ``yield from``): post
         ``mean``'s collectives (a ``MeanRound``: the healthy workers' parameters and floating
-        buffers, rank 0's other buffers), turn the sums into means, and copy the other buffers
-        in. Every rank raises ``AllWorkersDiverged`` when no worker is healthy."""
-        results = yield mean.post(self.comm, self.params, self.float_buffers, self._may_contribute() and not joined,
-                                  refs=refs, others=self.other_buffers)
-        if not mean.finish(results):
-            raise self._all_diverged(f"{what} {number}")
-        mean.others.finish(self.other_buffers)
+        buffers, rank 0's other buffers) and turn the sums into means; returns the outcome that
+        ``_apply_mean`` applies. Every rank raises ``AllWorkersDiverged`` when no worker is healthy."""
+        healthy = self._healthy()
+        count = yield from mean.run(self.comm, self._nodes, self.params, self.float_buffers,
+                                    self._may_contribute() and not joined, refs=refs, others=self.other_buffers)
+        return {"healthy": healthy, "joined": joined, "params": mean.params, "buffers": mean.buffers,
+                "others": mean.others.incoming if self.other_buffers else {},
+                "diverged": None if count else f"{what} {number}"}
+
+    def _apply_mean(self, outcome: Dict[str, Any]) -> bool:
+        """The common part of applying a mean round: every rank raises ``AllWorkersDiverged``
+        when no worker was healthy (at the step the round applies, overlapped or not); rank
+        0's other buffers are adopted (``_adopt_others``); returns whether this worker must be
+        reset (it was not healthy when the round was posted, or, overlapped, is not now)."""
+        if outcome.get("diverged"):
+            raise self._all_diverged(outcome["diverged"])
+        self._adopt_others(outcome["others"])
+        return not outcome["healthy"] or (self._in_flight is not None and not self._healthy())
+
+    def _adopt_others(self, targets: Dict[Any, torch.Tensor]) -> None:
+        r"""The buffers that are not floating point take the round's source's values; overlapped,
+        an integer counter keeps the steps taken meanwhile, :math:`x \leftarrow c + (x - s)`
+        (batch norm's ``num_batches_tracked``), and a bool mask is copied."""
+        snapshot = self._snapshot("others")
+        with torch.no_grad():
+            for key, flat in self.other_buffers.items():
+                if snapshot is None or flat.flat.dtype == torch.bool:
+                    flat.flat.copy_(targets[key])
+                else:
+                    flat.flat.add_(targets[key] - snapshot[key])
 
     @abc.abstractmethod
     def step(self, loss=None) -> None:
@@ -417,8 +509,96 @@ class DistributedWrapper(abc.ABC):
         self.optimizer.step()
         if self.asynchronous:
             self._schedule.after_step(self._async_round, self._steps)
-        elif self._steps % self.period == 0:
-            self._run_round(self._steps // self.period)
+            return
+        self._advance_in_flight()
+        if self._steps % self.period == 0:
+            self._start_round(self._steps // self.period)
+
+    # ------------------------------------------------------------------ overlapped rounds
+    def _start_round(self, number: int) -> None:
+        """A synchronous round at this step: applied before ``step`` returns (``overlap`` 0),
+        or posted now and applied ``overlap`` steps later (``InFlight``)."""
+        if not self.overlap:
+            self._run_round(number)
+            return
+        announced = None
+        if self._announces_rounds:
+            announced = self.comm.allreduce_async_(torch.ones(1, dtype=torch.float64), name="round.header")
+        snapshot = {which: {key: flat.flat.clone() for key, flat in flats.items()}
+                    for which, flats in (("params", self.params), ("buffers", self.float_buffers),
+                                         ("others", self.other_buffers))}
+        self._in_flight = InFlight(number, self._steps + self.overlap, snapshot, announced)
+        self._driver.start(self._round(number), hold=True)
+
+    def _advance_in_flight(self) -> None:
+        """Every synchronous step: an overlapped round in flight makes progress while the worker
+        computes, and is applied at its step (waiting there only for what has not arrived)."""
+        if self._in_flight is None:
+            return
+        if self._steps >= self._in_flight.apply_at:
+            self._finish_in_flight()
+        else:
+            self._driver.progress()
+
+    def _finish_in_flight(self) -> None:
+        self._driver.progress(block=True, release=True)
+        if self._in_flight.header is not None:
+            self.comm.wait(self._in_flight.header)
+        self._in_flight = None
+
+    def _hold(self, outcome: Dict[str, Any]):
+        """Where a round has its outcome and has not applied it (for ``yield from``): an
+        overlapped round waits here for its step (``async_schedule.HOLD``); ``state_dict`` saves
+        the outcome of a round held here."""
+        from horovod_leader.async_schedule import HOLD
+
+        self._pending_outcome = outcome
+        yield HOLD
+        self._pending_outcome = None
+
+    def _apply(self, outcome: Dict[str, Any]):
+        """Apply a round's outcome (the part of ``_round`` after its ``_hold``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no overlapped rounds")
+
+    def _resume_held(self, outcome: Dict[str, Any]):
+        """A round restored from a checkpoint at its hold: applied at its step."""
+        yield from self._hold(outcome)
+        return self._apply(outcome)
+
+    def _snapshot(self, which: str) -> Optional[Dict[Any, torch.Tensor]]:
+        """The in-flight round's snapshot of the parameters (``"params"``) or floating buffers
+        (``"buffers"``), taken when it was posted; None without overlap."""
+        return None if self._in_flight is None else self._in_flight.snapshot[which]
+
+    def _correct_(self, flats: Dict[Any, FlatBuffer], targets: Dict[Any, torch.Tensor], pull: float,
+                  which: str = "params", reset: bool = False) -> None:
+        r"""Move every packed buffer toward its target by ``pull``, as a round prescribes.
+
+        Without overlap, :math:`x \leftarrow x - \lambda (x - c)` (``pull`` 1: :math:`x \leftarrow c`).
+        Overlapped, the correction is computed from the snapshot :math:`s` the round sent and
+        applied to the current parameters, so the steps taken meanwhile are kept:
+        :math:`x \leftarrow x - \lambda (s - c)` (``pull`` 1: :math:`x \leftarrow c + (x - s)`).
+        ``reset``: :math:`x \leftarrow c` (a worker that diverged)."""
+        from horovod_leader import fused
+        from horovod_leader.optim.averaging import pull_toward_
+
+        snapshot = self._snapshot(which)
+        for key, flat in flats.items():
+            if snapshot is None or reset:
+                pull_toward_(flat, targets[key], 1.0 if reset else pull)
+                continue
+            with torch.no_grad():
+                s, c = snapshot[key], targets[key]
+                if which == "buffers":  # where s = c, constants included (a -inf mask), x keeps its value
+                    shift = (c - s.to(c.dtype)).masked_fill_(s.to(c.dtype) == c, 0.0)
+                    flat.flat.copy_(flat.flat.to(c.dtype).add_(shift, alpha=pull))
+                elif c.dtype != flat.flat.dtype:  # a float32 centre of a half-precision model
+                    x = flat.flat.to(c.dtype)
+                    flat.flat.copy_(x.sub_(s.to(c.dtype) - c, alpha=pull))
+                elif pull == 1.0:
+                    flat.flat.add_(c - s)
+                elif pull != 0.0:
+                    fused.leader_pull_(flat.flat, None, c, global_pull=pull, anchor=s)
 
     def _run_round(self, number: int) -> None:
         """A synchronous round: announced, posted, waited and applied before ``step`` returns.
@@ -462,12 +642,24 @@ class DistributedWrapper(abc.ABC):
         if self._closed:
             return
         self._closed = True
+        if self._in_flight is not None:  # this rank steps no more: its overlapped round applies now
+            self._finish_in_flight()
         if self._schedule is not None:
             self._schedule.close(self._async_round, self._steps)
         else:
             self._join_rounds()
-        import horovod.torch as hvd
-        hvd.join()
+        from horovod_leader import engine
+
+        engine.active().join()
+        self._free_node_sets()
+
+    def _free_node_sets(self) -> None:
+        """Every rank has closed (``hvd.join``): the private in-node communicator is released."""
+        from horovod_leader.comm import MPIGroup
+
+        if self._nodes is not None and isinstance(self._nodes.in_node, MPIGroup):
+            self._nodes.in_node.comm.Free()
+            self._nodes = None
 
     def __enter__(self):
         return self
@@ -490,8 +682,40 @@ class DistributedWrapper(abc.ABC):
     def state_dict(self) -> Dict[str, Any]:
         """The wrapped optimizer's state, the step count, ``comm_bytes``, the world it came
         from (``{"size", "groups"}``) and the method's own state, tensors keyed by buffer name."""
-        return {"optimizer": self.optimizer.state_dict(), "steps": self._steps, "comm_bytes": self.comm.bytes,
-                "algorithm": type(self).__name__, "world": self._world(), **self._state()}
+        in_flight = self._in_flight_state() if self._in_flight is not None else None  # first: it may post
+        state = {"optimizer": self.optimizer.state_dict(), "steps": self._steps, "comm_bytes": self.comm.bytes,
+                 "algorithm": type(self).__name__, "world": self._world(), **self._state()}
+        if in_flight is not None:
+            state["in_flight"] = in_flight
+        return state
+
+    def _in_flight_state(self) -> Dict[str, Any]:
+        """An overlapped round in flight, for ``state_dict``: its exchange is completed (the
+        collectives every rank posted at its step), and what it will apply is saved with its
+        snapshot; it is still applied at its own step, in this run as in a resumed one."""
+        flight = self._in_flight
+        self._driver.progress(block=True)  # up to the round's hold: its outcome is known
+        if flight.header is not None:
+            self.comm.wait(flight.header)
+            flight.header = None
+        return {"number": flight.number, "apply_at": flight.apply_at, "rank": self.rank,
+                "snapshot": {which: self._named(tensors) for which, tensors in flight.snapshot.items()},
+                "outcome": _pack(self._pending_outcome)}
+
+    def _restore_in_flight(self, saved: Dict[str, Any]) -> None:
+        if saved.get("rank", self.rank) != self.rank:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state_dict holds rank {saved['rank']}'s round "
+                             f"in flight (its own snapshot), and this is rank {self.rank}: load each rank's own "
+                             "state_dict")
+        keys = {key_name(key): key for flats in (self.params, self.float_buffers, self.other_buffers) for key in flats}
+        snapshot = {}
+        for which, flats in (("params", self.params), ("buffers", self.float_buffers), ("others", self.other_buffers)):
+            matched = self._match_named(saved["snapshot"].get(which, {}), flats, "in_flight snapshot")
+            # the snapshot keeps the model's dtype, on the model's device
+            snapshot[which] = {key: flats[key].like().copy_(tensor) for key, tensor in matched.items()}
+        self._in_flight = InFlight(int(saved["number"]), int(saved["apply_at"]), snapshot)
+        device = next((flat.device for flat in self.params.values()), torch.device("cpu"))
+        self._driver.start(self._resume_held(_unpack(saved["outcome"], keys, device)), hold=True)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore ``state_dict()``'s output.
@@ -502,7 +726,13 @@ class DistributedWrapper(abc.ABC):
                 have, or comes from another world where the state depends on it.
         """
         self._load_base_state(state, required=self._required_state)
+        if self._in_flight is not None:  # a round of this run in flight: its exchange completes, unapplied
+            self._driver.progress(block=True)
+            self._driver.abandon()
+            self._in_flight = None
         self._load_state(state)
+        if state.get("in_flight") is not None:
+            self._restore_in_flight(state["in_flight"])
 
     #: the keys of ``_state()`` that ``load_state_dict`` requires
     _required_state: tuple = ()

@@ -49,13 +49,22 @@ class DataParallel(DistributedWrapper):
         passes = check_int("backward_passes_per_step", backward_passes_per_step)
         self.backward_passes_per_step = passes
         self._distributed_kwargs = distributed_kwargs
-        super().__init__(optimizer, model, period=1, topology=topology, broadcast_buffers=False)
-        import horovod.torch as hvd
+        from horovod_leader import engine
 
-        # Horovod's optimizer is a second optimizer object over the same param groups: only its
-        # gradient hooks and synchronize() are used; the user's optimizer steps.
-        self._horovod = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
-                                                 backward_passes_per_step=passes, **distributed_kwargs)
+        if engine.choose() == "torch" and distributed_kwargs:  # alike on every rank, before any collective
+            raise ValueError(f"DataParallel: {sorted(distributed_kwargs)} are hvd.DistributedOptimizer's options, "
+                             "and this run is on the torch engine: run it on the Horovod engine (--backend horovod) "
+                             "or leave them out")
+        super().__init__(optimizer, model, period=1, topology=topology, broadcast_buffers=False)
+        if engine.name() == "torch":
+            self._horovod = GradientAverage(engine.active(), optimizer)
+        else:
+            import horovod.torch as hvd
+
+            # Horovod's optimizer is a second optimizer object over the same param groups: only its
+            # gradient hooks and synchronize() are used; the user's optimizer steps.
+            self._horovod = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                                     backward_passes_per_step=passes, **distributed_kwargs)
         self._synchronized = False
         self._skip = False
         self._grad_bytes = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"]
@@ -123,11 +132,75 @@ class DataParallel(DistributedWrapper):
 
     def _join_rounds(self) -> None:
         """No rounds: ``hvd.join()`` (in ``close``) lets a rank that stopped early take part in
-        the others' gradient all-reduces with zeros."""
+        the others' gradient all-reduces with zeros; on the torch engine ``GradientAverage.join``
+        does the same."""
+        if isinstance(self._horovod, GradientAverage):
+            self._horovod.join()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if set_to_none:  # Horovod's zero_grad() takes no arguments (it checks for pending all-reduces)
+        if set_to_none and not isinstance(self._horovod, GradientAverage):
+            # Horovod's zero_grad() takes no arguments (it checks for pending all-reduces)
             self._horovod.zero_grad()
         else:
             self.optimizer.zero_grad(set_to_none=False)
 
+
+
+class GradientAverage:
+    """What ``hvd.DistributedOptimizer`` does for ``DataParallel``, on the torch engine: at
+    ``synchronize()`` every gradient (zeros where a parameter has none, as Horovod sends) is
+    averaged over all ranks in one all-reduce per dtype, after backward rather than during it.
+    A one-number header rides with it, the count of ranks still stepping, so that a rank that
+    closed early joins the others' all-reduces with zero gradients (``join``), which is
+    ``hvd.join()``'s rule: until every rank has closed, the stopped ones count as zeros.
+
+    Args:
+        engine: the torch engine (``horovod_leader.engine.TorchEngine``), initialised.
+        optimizer: the user's optimizer; its parameters that require gradients are averaged.
+    """
+
+    def __init__(self, engine, optimizer: torch.optim.Optimizer):
+        self.engine = engine
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._synchronized = False  # read and reset by DataParallel, as Horovod's flag
+
+    def _buckets(self, stepping: bool):
+        by_dtype: Dict[Any, list] = {}
+        for p in self.params:
+            by_dtype.setdefault((p.dtype, p.device), []).append(p)
+        for (dtype, device), params in by_dtype.items():
+            if stepping:
+                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            else:
+                flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
+            yield params, flat
+
+    def _reduce(self, stepping: bool):
+        header = torch.tensor([1.0 if stepping else 0.0], dtype=torch.float64)
+        handles = [self.engine.allreduce_async_(header, op=self.engine.Sum)]
+        buckets = list(self._buckets(stepping))
+        handles += [self.engine.allreduce_async_(flat, op=self.engine.Average) for _, flat in buckets]
+        for handle in handles:
+            self.engine.synchronize(handle)
+        return float(header), buckets
+
+    def synchronize(self) -> None:
+        _, buckets = self._reduce(True)
+        with torch.no_grad():
+            for params, flat in buckets:
+                offset = 0
+                for p in params:
+                    view = flat[offset:offset + p.numel()].view_as(p)
+                    if p.grad is None:
+                        p.grad = view.clone()
+                    else:
+                        p.grad.copy_(view)
+                    offset += p.numel()
+        self._synchronized = True
+
+    def join(self) -> None:
+        """Take part, with zero gradients, in the others' all-reduces until every rank has closed."""
+        while True:
+            stepping, _ = self._reduce(False)
+            if stepping == 0.0:
+                return

@@ -1,12 +1,14 @@
 r"""DiLoCo: local inner steps, then an outer Nesterov step on the averaged pseudo-gradient."""
 from __future__ import annotations
 
+import copy
+
 from typing import Any, Dict, Optional
 
 import torch
 
 from horovod_leader.compression import Codec, check_compression, name_of
-from horovod_leader.optim.averaging import MeanRound, replace_all_
+from horovod_leader.optim.averaging import MeanRound
 from horovod_leader.optim.base import DistributedWrapper
 from horovod_leader.validation import check_bool, check_real
 
@@ -49,9 +51,14 @@ class DiLoCo(DistributedWrapper):
         outer_lr: :math:`\eta_{out}` (paper: 0.7).
         outer_momentum: :math:`\mu` (paper: 0.9).
         nesterov: Nesterov momentum (paper: True).
+        overlap: d, an integer in [0, ``period``): a round posted at step k is applied at step
+            k + d on every rank, its correction computed from what this worker sent at step k
+            (``_apply``), while the exchange crosses the links; 0: at once (the published
+            method).
     """
 
     name = "diloco"
+    _uses_node_sets = True
     DEFAULT_PERIOD = 500
     CLI_PERIOD = 32  # the training command's default; see ``period`` above
     DEFAULT_OUTER_LR = 0.7
@@ -60,14 +67,15 @@ class DiLoCo(DistributedWrapper):
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = DEFAULT_PERIOD,
                  outer_lr: float = DEFAULT_OUTER_LR, outer_momentum: float = DEFAULT_OUTER_MOMENTUM,
                  nesterov: bool = True, *, compression: Optional[str | Codec] = None, broadcast_buffers: bool = True,
-                 topology=None):
+                 overlap: int = 0, topology=None):
         self.outer_lr = check_real("outer_lr", outer_lr, 0.0, float("inf"), low_open=True)
         self.outer_momentum = check_real("outer_momentum", outer_momentum, 0.0, 1.0, high_open=True)
         self.nesterov = check_bool("nesterov", nesterov)
         if self.nesterov and self.outer_momentum == 0.0:
             raise ValueError("nesterov=True needs outer_momentum > 0 (as torch.optim.SGD)")
         self.compression = check_compression(compression)
-        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers)
+        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers,
+                         overlap=overlap)
         self._mean = MeanRound(self.compression)
         # Every worker starts each round from the same outer parameters: rank 0's, to begin with.
         for name, flat in self._exchanged().items():
@@ -87,7 +95,7 @@ class DiLoCo(DistributedWrapper):
                 "compression": name_of(self.compression)}
 
     def centre(self) -> Dict[Any, torch.Tensor]:
-        """The outer parameters :math:`\theta`, alike on every rank: what every worker
+        r"""The outer parameters :math:`\theta`, alike on every rank: what every worker
         restarts from after a round (float32 for a half-precision model)."""
         return self.outer
 
@@ -97,25 +105,33 @@ class DiLoCo(DistributedWrapper):
 
     def _round(self, number: int, joined: bool = False):
         """Average, outer step, restart; ``joined``: this rank has closed and adds nothing."""
-        healthy = self._healthy()
-        yield from self._average(self._mean, number, joined, refs=self.outer, what="outer round")
+        outcome = yield from self._average(self._mean, number, joined, refs=self.outer, what="outer round")
+        yield from self._hold(outcome)
+        self._apply(outcome)
+
+    def _apply(self, outcome) -> None:
+        r"""The outer step on the pseudo-gradient, then every worker restarts from the new
+        :math:`\theta`. Overlapped by d steps (the delayed outer step of Streaming DiLoCo,
+        arXiv 2501.18512, and of eager updates, arXiv 2502.12996): the pseudo-gradient is that of
+        what the workers sent at step k, and at step k + d each worker keeps the inner steps it
+        took meanwhile, :math:`x \leftarrow \theta_{new} + (x - s)` with :math:`s = x_k`."""
+        reset = self._apply_mean(outcome)
         with torch.no_grad():
-            for (key, outer), mean in zip(zip(self.outer, self._outer_params), self._mean.params.values()):
-                outer.grad = (outer.data - mean).to(outer.dtype)  # the pseudo-gradient
+            for key, outer in zip(self.outer, self._outer_params):
+                outer.grad = (outer.data - outcome["params"][key]).to(outer.dtype)  # the pseudo-gradient
         self.outer_optimizer.step()
-        if joined:
+        if outcome["joined"]:
             return
-        with torch.no_grad():
-            for (key, flat), outer in zip(self.params.items(), self._outer_params):
-                flat.flat.copy_(outer.data)
-        replace_all_(self.float_buffers, self._mean.buffers)
-        if not healthy:
+        self._correct_(self.params, self.outer, 1.0, reset=reset)
+        self._correct_(self.float_buffers, outcome["buffers"], 1.0, which="buffers", reset=reset)
+        if reset:
             self._log_recovery("the new outer parameters")
 
     _required_state = ("outer", "outer_optimizer")
 
     def _state(self) -> Dict[str, Any]:
-        return {"outer": self._named(self.outer), "outer_optimizer": self.outer_optimizer.state_dict()}
+        # a copy, as the outer parameters are: the live momentum keeps changing after the call
+        return {"outer": self._named(self.outer), "outer_optimizer": copy.deepcopy(self.outer_optimizer.state_dict())}
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         self._restore_named(state["outer"], self.params, "outer", self.outer)  # in place: the outer SGD's parameters

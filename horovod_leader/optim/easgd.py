@@ -6,8 +6,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from horovod_leader.compression import Codec, check_compression, name_of
-from horovod_leader.optim.averaging import MeanRound, post_weighted_sum, pull_toward_, replace_all_
-from horovod_leader.optim.base import DistributedWrapper
+from horovod_leader.optim.averaging import MeanRound, post_weighted_sum
+from horovod_leader.optim.base import DistributedWrapper, _refuse_overlap_with_async
 from horovod_leader.validation import check_bool, check_real
 
 
@@ -39,22 +39,29 @@ class EASGD(DistributedWrapper):
 
     ``compression="bf16"``/``"int8"``: each worker sends its difference from the centre,
     compressed, in an all-gather (``horovod_leader.compression``).
+
+    ``overlap=d`` (synchronous only): the round posted at step k is applied at step k + d,
+    its pull computed from what this worker sent at step k (``_apply``).
     """
 
     name = "easgd"
+    _uses_node_sets = True
     DEFAULT_PERIOD = 4
     DEFAULT_BETA = 0.9  # the EASGD paper's; the LSGD authors' code uses 0.43 (``--preset paper``)
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = DEFAULT_PERIOD,
                  beta: float = DEFAULT_BETA, alpha: Optional[float] = None, *, asynchronous: bool = False,
-                 compression: Optional[str | Codec] = None, broadcast_buffers: bool = True, topology=None):
+                 compression: Optional[str | Codec] = None, broadcast_buffers: bool = True, overlap: int = 0,
+                 topology=None):
         self.beta = check_real("beta", beta, 0.0, 1.0, low_open=True)
         if alpha is not None:
             check_real("alpha", alpha, 0.0, 1.0, low_open=True)
         self._alpha_given = None if alpha is None else float(alpha)
         self._asynchronous_given = check_bool("asynchronous", asynchronous)
         self.compression = check_compression(compression)
-        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers)
+        _refuse_overlap_with_async(overlap, asynchronous)
+        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers,
+                         overlap=overlap)
         self.alpha = self.beta / self.size if alpha is None else float(alpha)
         self._mean = MeanRound(self.compression)
         self._centre: Dict[Any, torch.Tensor] = {}  # x~, replicated alike on every rank
@@ -68,7 +75,7 @@ class EASGD(DistributedWrapper):
                 "asynchronous": self._asynchronous_given, "compression": name_of(self.compression)}
 
     def centre(self) -> Dict[Any, torch.Tensor]:
-        """The centre variable :math:`\tilde x`, replicated alike on every rank (float32 for a
+        r"""The centre variable :math:`\tilde x`, replicated alike on every rank (float32 for a
         half-precision model)."""
         return self._centre
 
@@ -79,21 +86,26 @@ class EASGD(DistributedWrapper):
     def _round(self, number: int, joined: bool = False):
         """One elastic round; ``joined``: this rank has closed, adds nothing and is not pulled,
         but keeps its replica of the centre up to date."""
-        healthy = self._healthy() or joined
-        yield from self._average(self._mean, number, joined, refs=self._centre, what="elastic round")
-        mean = self._mean.params
+        outcome = yield from self._average(self._mean, number, joined, refs=self._centre, what="elastic round")
+        yield from self._hold(outcome)
+        self._apply(outcome)
+
+    def _apply(self, outcome) -> None:
+        r"""The elastic pull toward the centre before its update, then the centre's update
+        toward the mean. Overlapped by d steps, the pull is computed from what this worker sent,
+        :math:`s = x_k`, and applied at step k + d: :math:`x \leftarrow x - \alpha (s - \tilde x)`."""
+        reset = self._apply_mean(outcome) and not outcome["joined"]
+        if not outcome["joined"] and not reset:  # the elastic pull uses the centre before its own update
+            self._correct_(self.params, self._centre, self.alpha)
         with torch.no_grad():
-            for key, flat in self.params.items():
-                centre = self._centre[key]
-                if healthy and not joined:  # the elastic pull uses the centre before its own update
-                    pull_toward_(flat, centre, self.alpha)
-                centre.mul_(1.0 - self.beta).add_(mean[key], alpha=self.beta)
-                if not healthy:
-                    flat.flat.copy_(centre)
-        if joined:
+            for key, centre in self._centre.items():
+                centre.mul_(1.0 - self.beta).add_(outcome["params"][key], alpha=self.beta)
+        if outcome["joined"]:
             return
-        replace_all_(self.float_buffers, self._mean.buffers)
-        if not healthy:
+        if reset:
+            self._correct_(self.params, self._centre, 1.0, reset=True)
+        self._correct_(self.float_buffers, outcome["buffers"], 1.0, which="buffers", reset=reset)
+        if reset:
             self._log_recovery("the EASGD centre")
 
     _required_state = ("centre",)

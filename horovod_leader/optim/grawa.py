@@ -7,8 +7,9 @@ import torch
 
 from horovod_leader import grawa_weights
 from horovod_leader.compression import Codec, check_compression, name_of
-from horovod_leader.optim.averaging import CompressedGather, CopyFromRoot, post_weighted_sum, pull_toward_, replace_all_
-from horovod_leader.optim.base import DistributedWrapper
+from horovod_leader.optim.averaging import CompressedGather, CopyFromRoot, post_weighted_sum, pull_toward_
+from horovod_leader.optim.base import DistributedWrapper, _refuse_overlap_with_async
+from horovod_leader.optim.node_average import Part, node_mean
 from horovod_leader.validation import check_bool, check_fraction, check_real
 
 
@@ -54,18 +55,24 @@ class GRAWA(DistributedWrapper):
     ``compression="bf16"``/``"int8"``: the norms are all-gathered, and each worker's difference
     from the last centre travels compressed in an all-gather (``horovod_leader.compression``).
 
+    ``overlap=d`` (synchronous only): the round posted at step k is applied at step k + d, its
+    pull computed from what this worker sent at step k (``_apply``), while the exchange crosses
+    the links.
+
     Defaults are the authors' (CIFAR-10, ResNet-20, 4 workers): ``period=32``, ``pull=0.5``;
     their ``prox`` is 0.01 and their ``norm_decay`` 0.9^8 (both off here by default).
     """
 
     name = "grawa"
+    _uses_node_sets = True
     DEFAULT_PERIOD = 32
     DEFAULT_PULL = 0.5
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = DEFAULT_PERIOD,
                  pull: float = DEFAULT_PULL, layerwise: bool = False, prox: float = 0.0, norm_decay: float = 0.0, *,
                  fresh_loss: Optional[Callable[[torch.nn.Module], Any]] = None, asynchronous: bool = False,
-                 compression: Optional[str | Codec] = None, broadcast_buffers: bool = True, topology=None):
+                 compression: Optional[str | Codec] = None, broadcast_buffers: bool = True, overlap: int = 0,
+                 topology=None):
         self.pull = check_fraction("pull", pull)
         self.layerwise = check_bool("layerwise", layerwise)
         self.prox = check_fraction("prox", prox)
@@ -76,7 +83,9 @@ class GRAWA(DistributedWrapper):
         self.fresh_loss = fresh_loss
         self.compression = check_compression(compression)
         self._asynchronous_given = check_bool("asynchronous", asynchronous)
-        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers)
+        _refuse_overlap_with_async(overlap, asynchronous)
+        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers,
+                         overlap=overlap)
         self._tensors = [t for flat in self.params.values() for t in flat.tensors]  # packing order
         self._smoother = grawa_weights.NormSmoother(self.norm_decay)
         self._centre: Dict[Any, torch.Tensor] = {}     # last centre received (prox pulls toward it)
@@ -105,8 +114,10 @@ class GRAWA(DistributedWrapper):
                 pull_toward_(flat, self._centre[key], self.prox / self.period)
         if self.asynchronous:
             self._schedule.after_step(self._async_round, self._steps)
-        elif due:
-            self._run_round(self._steps // self.period)
+            return
+        self._advance_in_flight()
+        if due:
+            self._start_round(self._steps // self.period)
 
     def _round_norms(self) -> torch.Tensor:
         """The gradient norms that weigh this worker in this round."""
@@ -131,6 +142,26 @@ class GRAWA(DistributedWrapper):
             terms = grawa_weights.local_terms(self._smoother(self._round_norms()), self._may_contribute())
         contributes = grawa_weights.contributes(terms)
         healthy = healthy and (contributes or joined or self._reset_since_step)  # a non-finite norm is unhealthy too
+        if self._in_flight is not None and self.fresh_loss is not None:
+            # fresh_loss's forward pass (training mode) moved the batch-norm statistics: what is
+            # sent, and what the correction is computed from, is the buffers as they are now
+            self._in_flight.snapshot["buffers"] = {key: flat.flat.clone() for key, flat in self.float_buffers.items()}
+        if self._nodes is not None:
+            summed = yield from self._node_round(terms, contributes)
+        else:
+            summed = yield from self._flat_round(terms, contributes, joined)
+        outcome = {"joined": joined, "healthy": healthy, "others": self._others.incoming if self.other_buffers else {},
+                   "diverged": None if grawa_weights.healthy_count(summed) else f"averaging round {number}"}
+        if not joined and not outcome["diverged"]:
+            outcome.update(weights=grawa_weights.weights_from_sums(terms, summed), centre=self._incoming,
+                           buffers=self._buffer_sum)
+        yield from self._hold(outcome)
+        self._apply(outcome)
+
+    def _flat_round(self, terms: torch.Tensor, contributes: bool, joined: bool):
+        """Every rank's weighted parameters in one all-reduce (compressed: an all-gather of every
+        rank's difference from the last centre), the centre and mean buffers computed here;
+        returns the summed terms ``[1/norm ...; count]``."""
         if self._gather is None:
             summed = terms.clone()
             handles = [self.comm.allreduce_async_(summed, name="norms")]
@@ -145,26 +176,44 @@ class GRAWA(DistributedWrapper):
         if self._gather is not None:
             summed = results[0].sum(0)
         count = grawa_weights.healthy_count(summed)
-        if count == 0:
-            raise self._all_diverged(f"averaging round {number}")
-        self._others.finish(self.other_buffers)
-        if joined:
+        if count and not joined:
+            if self._gather is None:
+                self._normalise(grawa_weights.inverse_norms(summed))
+            else:
+                inverse = results[0][:, :-1]
+                weights = inverse / inverse.sum(0).clamp_min(torch.finfo(torch.float64).tiny)
+                self._gather.combine(results[1:], self.params, self._centre,
+                                     weights if self.layerwise else weights[:, 0], self._incoming)
+            for buf in self._buffer_sum.values():
+                buf.div_(count)
+        return summed
+
+    def _node_round(self, terms: torch.Tensor, contributes: bool):
+        """The node-aware round (``horovod_leader.optim.node_average``): one payload per node
+        across the links, compressed on that hop only; returns the summed terms."""
+        parts = [Part(self.params, self._incoming, grawa_weights.inverse_norms(terms), self.compression, self._centre),
+                 Part(self.float_buffers, self._buffer_sum)]
+        extra = self._others.post(self.comm, self.other_buffers, "others")
+        (param_totals, _), count = yield from node_mean(self.comm, self._nodes, parts, contributes, "grawa", extra)
+        inverse = param_totals if self.layerwise else param_totals[:1]  # MGRAWA: one weight, spread over its tensors
+        return torch.cat([inverse, torch.tensor([float(count)], dtype=torch.float64)])
+
+    def _apply(self, outcome) -> None:
+        r"""The pull toward the weighted centre, :math:`x \leftarrow x - \lambda (x - x_C)`.
+        Overlapped by d steps, the centre is that of what the workers sent at step k and the
+        pull is computed from this worker's, :math:`s = x_k`, and applied at step k + d:
+        :math:`x \leftarrow x - \lambda (s - x_C)`."""
+        if outcome.get("diverged"):
+            raise self._all_diverged(outcome["diverged"])
+        self._adopt_others(outcome["others"])
+        if outcome["joined"]:
             return
-        self.last_weights = grawa_weights.weights_from_sums(terms, summed)
-        if self._gather is None:
-            self._normalise(grawa_weights.inverse_norms(summed))
-        else:
-            inverse = results[0][:, :-1]
-            weights = inverse / inverse.sum(0).clamp_min(torch.finfo(torch.float64).tiny)
-            self._gather.combine(results[1:], self.params, self._centre,
-                                 weights if self.layerwise else weights[:, 0], self._incoming)
-        self._centre, self._incoming = self._incoming, self._centre
-        for key, flat in self.params.items():
-            pull_toward_(flat, self._centre[key], self.pull if healthy else 1.0)
-        for buf in self._buffer_sum.values():
-            buf.div_(count)
-        replace_all_(self.float_buffers, self._buffer_sum)
-        if not healthy:
+        self.last_weights = outcome["weights"]
+        self._centre, self._incoming = outcome["centre"], self._centre
+        reset = not outcome["healthy"] or (self._in_flight is not None and not self._healthy())
+        self._correct_(self.params, self._centre, self.pull, reset=reset)
+        self._correct_(self.float_buffers, outcome["buffers"], 1.0, which="buffers", reset=reset)
+        if reset:
             self._log_recovery("the GRAWA centre")
 
     def _normalise(self, total_inverse: torch.Tensor) -> None:

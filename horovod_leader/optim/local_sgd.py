@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from horovod_leader.compression import Codec, check_compression, name_of
-from horovod_leader.optim.averaging import MeanRound, replace_all_
+from horovod_leader.optim.averaging import MeanRound
 from horovod_leader.optim.base import DistributedWrapper
 
 
@@ -29,6 +29,10 @@ class LocalSGD(DistributedWrapper):
         compression: ``None``, ``"bf16"`` or ``"int8"``: each worker sends its difference from
             the last average, compressed, in an all-gather (``horovod_leader.compression``).
         broadcast_buffers: average the floating buffers too (batch-norm statistics).
+        overlap: d, an integer in [0, ``period``): a round posted at step k is applied at step
+            k + d on every rank, its correction computed from what this worker sent at step k
+            (``_apply``), while the exchange crosses the links; 0: at once (the published
+            method).
         topology: a ``Topology`` from ``horovod_leader.init``; default: the current one.
 
     Example::
@@ -38,12 +42,15 @@ class LocalSGD(DistributedWrapper):
     """
 
     name = "localsgd"
+    _uses_node_sets = True
     DEFAULT_PERIOD = 4
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, period: int = DEFAULT_PERIOD, *,
-                 compression: Optional[str | Codec] = None, broadcast_buffers: bool = True, topology=None):
+                 compression: Optional[str | Codec] = None, broadcast_buffers: bool = True, overlap: int = 0,
+                 topology=None):
         self.compression = check_compression(compression)
-        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers)
+        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers,
+                         overlap=overlap)
         self._mean = MeanRound(self.compression)
         self._last_average: Dict = {}  # the reference of compressed rounds: the same on every rank
         self._setup_rounds(False, self.period)
@@ -57,15 +64,24 @@ class LocalSGD(DistributedWrapper):
 
     def _round(self, number: int, joined: bool = False):
         """One averaging round; ``joined``: this rank has closed and only takes part."""
-        healthy = self._healthy()
-        yield from self._average(self._mean, number, joined, refs=self._last_average)
+        outcome = yield from self._average(self._mean, number, joined, refs=self._last_average)
+        yield from self._hold(outcome)
+        self._apply(outcome)
+
+    def _apply(self, outcome) -> None:
+        r"""Every worker to the mean: :math:`x \leftarrow \bar x`; overlapped by d steps,
+        :math:`x_{k+d} \leftarrow \bar s + (x_{k+d} - s)` with :math:`s = x_k` what this
+        worker sent and :math:`\bar s` the mean of what all sent (Overlap Local-SGD, Wang,
+        Liang and Joshi 2020, arXiv 2002.09539; delayed averaging, DaSGD, arXiv 2006.00441):
+        the steps taken while the exchange was in flight are kept."""
+        reset = self._apply_mean(outcome)
         if self.compression:
-            self._last_average = {key: mean.clone() for key, mean in self._mean.params.items()}
-        if joined:
+            self._last_average = {key: mean.clone() for key, mean in outcome["params"].items()}
+        if outcome["joined"]:
             return
-        replace_all_(self.params, self._mean.params)
-        replace_all_(self.float_buffers, self._mean.buffers)
-        if not healthy:
+        self._correct_(self.params, outcome["params"], 1.0, reset=reset)
+        self._correct_(self.float_buffers, outcome["buffers"], 1.0, which="buffers", reset=reset)
+        if reset:
             self._log_recovery("the average of the healthy workers")
 
     def _state(self) -> Dict[str, Any]:

@@ -13,10 +13,11 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from horovod_leader import fused
+from horovod_leader.async_schedule import Together
 from horovod_leader.compression import Codec, check_compression, name_of
 from horovod_leader.election import ScoreWindow, elect_all
 from horovod_leader.packing import key_name
-from horovod_leader.optim.base import DistributedWrapper
+from horovod_leader.optim.base import DistributedWrapper, _refuse_overlap_with_async
 from horovod_leader.optim.two_force import TwoForceStep
 from horovod_leader.validation import check_bool, check_fraction, check_int, check_multiple
 
@@ -95,11 +96,17 @@ class LSGD(DistributedWrapper):
             (``horovod_leader.compression``): 1/2 or about 1/4 of the bytes. Buffers travel
             uncompressed, as in the averaging methods.
         fused: ``None`` (auto: fuse when the optimizer is plain SGD), ``False`` never.
+        overlap: d, an integer in [0, ``period``): a synchronous refresh posted at step k is
+            applied at step k + d, its pulls computed from this worker's parameters at step k
+            (``_apply``), while the broadcasts cross the links; 0: at once (the method as
+            published). Not with ``asynchronous``, whose refreshes overlap already.
         topology: a ``Topology`` from ``horovod_leader.init``; default: the current one.
     """
 
     name = "lsgd"
+    _uses_node_sets = True
     _state_world_keys = ("size", "groups")  # the leaders, and where each copy came from, are ranks
+    _announces_rounds = False  # the score rows announce a refresh to ranks that closed early
 
     def _settings(self) -> Dict[str, Any]:
         return {**super()._settings(), "period": self.period, "global_period": self.global_period,
@@ -115,7 +122,7 @@ class LSGD(DistributedWrapper):
                  global_period: Optional[int] = None, local_pull: float = DEFAULT_PULL,
                  global_pull: float = DEFAULT_PULL, prox: float = 0.0, score_window: Optional[int] = None, *,
                  asynchronous: bool = False, compression: Optional[str | Codec] = None, broadcast_buffers: bool = True,
-                 fused: Optional[bool] = None, topology=None):
+                 fused: Optional[bool] = None, overlap: int = 0, topology=None):
         # Validate everything before the base class communicates.
         period = check_int("period", period)
         self.global_period = period if global_period is None else check_int("global_period", global_period)
@@ -129,7 +136,9 @@ class LSGD(DistributedWrapper):
         self._asynchronous_given = check_bool("asynchronous", asynchronous)
         self._fused_given = fused
         self.compression = check_compression(compression)
-        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers)
+        _refuse_overlap_with_async(overlap, asynchronous)
+        super().__init__(optimizer, model, period=period, topology=topology, broadcast_buffers=broadcast_buffers,
+                         overlap=overlap)
         self._update = TwoForceStep(optimizer, self.params, allow_fused=fused is not False)
         if fused is True and not self._update.fuse_allowed:
             raise ValueError("fused=True needs a torch.optim.SGD optimizer (the fused kernel is SGD's update)")
@@ -174,6 +183,9 @@ class LSGD(DistributedWrapper):
         if self.asynchronous:
             self._async_step()
             return
+        if self.overlap:
+            self._overlapped_step(k)
+            return
         got_local = got_global = False
         if k % self._unit == 0:
             self._driver.start(self._round(k // self._unit), block=True)
@@ -185,6 +197,22 @@ class LSGD(DistributedWrapper):
         b = self._coefficient("global", self.global_pull if got_global else 0.0, self.global_period)
         self._update(a, b, self._leaders_for)
         self._pull_buffers(a, b, got_local, got_global)
+
+    def _overlapped_step(self, k: int) -> None:
+        """``overlap`` = d > 0: a refresh posted d steps ago is applied (``_apply``: its pulls,
+        from its snapshot); a refresh due now is posted with a snapshot of this worker,
+        :math:`s = x_k` (what a leader sends, as at d = 0), to go on while it steps; then the
+        gradient step with the per-step proximal pulls toward the copies already held. A
+        worker reset to a leader's copy takes no step this time, as at d = 0."""
+        self._advance_in_flight()
+        if k % self._unit == 0:
+            self._start_round(k // self._unit)
+        if self._reset_since_step:
+            return
+        a = self._coefficient("local", 0.0, self.period) if self._multi else 0.0
+        b = self._coefficient("global", 0.0, self.global_period)
+        self._update(a, b, self._leaders_for)
+        self._pull_buffers(a, b, False, False)
 
     def _async_step(self) -> None:
         """Gradient step with the per-step proximal pulls, then count it and serve refreshes."""
@@ -228,7 +256,7 @@ class LSGD(DistributedWrapper):
         (got_local, got_global, healthy). ``joined``: this rank has closed; it learns from the
         gathered rows which refresh the stepping ranks run (None when none is stepping)."""
         handle, healthy = self._gather_scores(local, global_, joined)
-        (table,) = yield [handle]
+        (table,) = yield Together([handle])  # a few bytes: an overlapped refresh waits for them at once
         if joined:
             if float(table[:, 1].sum()) == 0.0:
                 return None
@@ -236,16 +264,66 @@ class LSGD(DistributedWrapper):
         group_leader, global_leader = self._elect(table[:, 0].tolist())
         levels = []
         if local and group_leader is not None:  # None: every worker of this group diverged
-            self._local_leader = group_leader
             levels.append(("local", group_leader))
         if global_:
-            self._global_leader = global_leader
             levels.append(("global", global_leader))
-        yield [h for level, leader in levels for h in self._post_receive(level, leader)]
-        for level, leader in levels:
+        yield from self._receive(levels, self._sources())
+        for level, _ in levels:
+            self._decode(level)
+        outcome = {"levels": levels, "healthy": healthy, "incoming": {level: self._incoming[level] for level, _ in levels}}
+        yield from self._hold(outcome)
+        return self._apply(outcome)
+
+    def _apply(self, outcome):
+        r"""The copies received become the current ones, and their senders the leaders; returns
+        (got_local, got_global, healthy). Overlapped by d steps, the refresh's pulls are then
+        computed from the snapshot :math:`s = x_k` this worker had when the refresh was posted,
+        and applied at step k + d: :math:`x \leftarrow x - a (s - \tilde x_{group}) - b (s - \tilde x)`
+        (the leader's snapshot is the copy it sent: it is not pulled)."""
+        for level, leader in outcome["levels"]:
+            self._incoming[level] = outcome["incoming"][level]  # the same dict, or one from a checkpoint
             self._accept(level, leader)
-        received = {level for level, _ in levels}
-        return "local" in received, "global" in received, healthy
+            if level == "local":
+                self._local_leader = leader
+            else:
+                self._global_leader = leader
+        received = {level for level, _ in outcome["levels"]}
+        got_local, got_global, healthy = "local" in received, "global" in received, outcome["healthy"]
+        if self._in_flight is not None and (got_local or got_global):
+            if not (healthy and self._healthy()):
+                self._recover("global" if got_global else "local")
+            else:
+                self._pull_from_snapshot(got_local, got_global)
+        return got_local, got_global, healthy
+
+    def _sources(self):
+        """What a leader sends: its snapshot while an overlapped refresh is in flight (it keeps
+        stepping meanwhile), else its packed buffers as they are (None)."""
+        if self._in_flight is None:
+            return None
+        snap = self._in_flight.snapshot
+        out = {"param." + key_name(k): t for k, t in snap["params"].items()}
+        out.update({"fbuf." + key_name(k): t for k, t in snap["buffers"].items()})
+        out.update({"obuf." + key_name(k): t for k, t in snap["others"].items()})
+        return out
+
+    def _pull_from_snapshot(self, got_local: bool, got_global: bool) -> None:
+        """The refresh's pulls, computed from the snapshot and added to the current parameters."""
+        a = self.local_pull if got_local and self._copy_source["local"] != self.rank else 0.0
+        b = self.global_pull if got_global and self._copy_source["global"] != self.rank else 0.0
+        snap = self._in_flight.snapshot
+        with torch.no_grad():
+            for key, flat in self.params.items():
+                local_copy, global_copy = self._leaders_for(key, a, b)
+                if local_copy is not None or global_copy is not None:
+                    fused.leader_pull_(flat.flat, local_copy, global_copy, local_pull=a, global_pull=b,
+                                       anchor=snap["params"][key])
+            for key, flat in self.float_buffers.items():
+                local_copy, global_copy = self._leaders_for(key, a, b, kind="fbuf")
+                if local_copy is not None or global_copy is not None:
+                    self._constants.pull_keeping_constants_("fbuf." + key_name(key), flat.flat, local_copy,
+                                                            global_copy, a, b, anchor=snap["buffers"][key])
+        self._pull_buffers(0.0, 0.0, got_local, got_global)  # the integer buffers: the leader's
 
     def _join_rounds(self) -> None:
         """Synchronous close: take part in the others' refreshes (never leading, never pulled)
@@ -276,7 +354,7 @@ class LSGD(DistributedWrapper):
             levels.append(("local", self._local_leader))
         if global_ and self._global_leader is not None:
             levels.append(("global", self._global_leader))
-        results = yield [handle] + [h for level, leader in levels for h in self._post_receive(level, leader)]
+        results = yield from self._receive(levels, first=[handle])
         detail = f"asynchronous round {number}, global step total {self._schedule.last_total}"
         self._local_leader, self._global_leader = self._elect(results[0][:, 0].tolist(), detail)
         got = {level: self._accept(level, leader, check_finite=True) for level, leader in levels}
@@ -295,15 +373,17 @@ class LSGD(DistributedWrapper):
         self._pull_buffers(a, b, got_local, got_global)
 
     # ------------------------------------------------------------------ exchanging copies
-    def _post_receive(self, level: str, leader: int) -> list:
-        """Post the leader's broadcast of every exchanged buffer into the incoming buffers.
+    def _prepare(self, level: str, leader: int, sources=None) -> list:
+        """The tensors a ``level`` copy travels in, as (tensor, collective name): every exchanged
+        buffer, in its incoming buffer; the leader fills them (``sources``: what it sends by
+        buffer name, default its packed buffers).
 
-        With ``compression``, a parameter buffer travels as the compressed difference from the
-        copy of that level that every rank of the level already holds (zeros before the
-        first), and is decoded on arrival (``_accept``)."""
-        process_set = self.topology.process_set if level == "local" else self.comm.global_process_set
+        With ``compression``, a parameter buffer of the global copy travels as the compressed
+        difference from the last global copy, which every rank already holds (zeros before the
+        first), and is decoded on arrival (``_decode``). The copies inside a node (the local
+        level) travel uncompressed: they cross no link."""
         incoming = self._incoming[level]
-        handles, self._payloads[level] = [], []
+        items, self._payloads[level] = [], []
         # Asynchronous rounds broadcast the copy of a leader elected one round earlier. If that
         # leader has since been reset, its parameters are only some other worker's copy: it
         # sends NaN, which every receiver discards. Otherwise resets could feed on one another
@@ -313,31 +393,74 @@ class LSGD(DistributedWrapper):
             buf = incoming.get(name)
             if buf is None:
                 buf = incoming[name] = flat.like()
-            source = flat.flat
+            source = flat.flat if sources is None else sources[name]
             if withdrawn and source.is_floating_point():
                 source = torch.full_like(source, math.nan)
-            if self.compression and name.startswith("param."):  # buffers travel uncompressed
+            if self.compression and level == "global" and name.startswith("param."):  # buffers travel as they are
                 ref = self._copies[level].get(name)
                 if self.rank == leader:
-                    payload = self.compression.encode(source - ref if ref is not None else source)
+                    payload = self.compression.encode_diff(source, ref)  # one pass: difference and encoding
                 else:
                     payload = self.compression.payload_like(flat.numel, flat.flat.device)
                 self._payloads[level].append((name, ref, payload))
-                handles += [self.comm.broadcast_async_(part, leader, name=f"{level}.{name}.{j}", process_set=process_set)
-                            for j, part in enumerate(payload)]
+                items += [(part, f"{level}.{name}.{j}") for j, part in enumerate(payload)]
                 continue
             if self.rank == leader:
                 buf.copy_(source)
-            handles.append(self.comm.broadcast_async_(buf, leader, name=f"{level}.{name}", process_set=process_set))
-        return handles
+            items.append((buf, f"{level}.{name}"))
+        return items
+
+    def _bcast(self, items: list, root: int, process_set, tag: str = "", counted: bool = True) -> list:
+        return [self.comm.broadcast_async_(tensor, root, name=name + tag, process_set=process_set, counted=counted)
+                for tensor, name in items]
+
+    def _receive(self, levels, sources=None, first=()):
+        """Receive the copies of ``levels`` [(level, leader)] (a generator for ``yield from``;
+        ``first``: handles posted with the first phase, whose results it returns).
+
+        The local copy goes inside the node (over shared memory on the CPU, outside Horovod's
+        queue: ``Topology.node_sets``). The global copy, when the topology is node-aware, goes
+        in three phases, each posted once the one before has arrived, so that each link carries
+        it once: inside the leader's node, then across the links among the nodes' first ranks,
+        then inside every other node; otherwise in one broadcast to everyone."""
+        topo, nodes = self.topology, self._nodes
+        in_node = nodes.in_node if nodes is not None else topo.process_set
+        phase1, relayed = list(first), None
+        for level, leader in levels:
+            items = self._prepare(level, leader, sources)
+            if level == "local":
+                phase1 += self._bcast(items, leader, in_node)
+            elif nodes is None:
+                phase1 += self._bcast(items, leader, self.comm.global_process_set)
+            else:
+                source = topo.group_of(leader)
+                if topo.group == source and nodes.group_size > 1:
+                    phase1 += self._bcast(items, leader, in_node, ".node")
+                relayed = (items, source)
+        # an overlapped refresh waits at once for what stays inside the node, so that the hop
+        # across the links starts now (``Together``); anything else it polls
+        in_node_only = not first and (nodes is not None or not any(level == "global" for level, _ in levels))
+        results = yield (Together(phase1) if in_node_only else phase1)
+        if relayed is not None:  # each rank counts the copy once in comm_bytes, where it first arrives
+            items, source = relayed
+            first_hop = topo.group == source and nodes.group_size > 1  # this rank took part in the ".node" hop
+            yield (self._bcast(items, nodes.node_leaders[source], nodes.leaders, ".cross", counted=not first_hop)
+                   if nodes.is_relay else [])
+            spread = topo.group != source and nodes.group_size > 1
+            yield (self._bcast(items, nodes.relay, in_node, ".spread", counted=not nodes.is_relay) if spread else [])
+        return results[:len(first)]
+
+    def _decode(self, level: str) -> None:
+        """Compressed copies that arrived, decoded into the incoming buffers: ref + difference."""
+        incoming = self._incoming[level]
+        for name, ref, payload in self._payloads[level]:
+            self.compression.decode_into(payload, incoming[name], ref)  # one pass: decoding and adding back
+        self._payloads[level] = []
 
     def _accept(self, level: str, leader: int, check_finite: bool = False) -> bool:
         """The copy in flight becomes the current one (unless it is not finite)."""
+        self._decode(level)
         incoming = self._incoming[level]
-        for name, ref, payload in self._payloads[level]:  # decode compressed copies: ref + difference
-            decoded = self.compression.decode(payload, incoming[name].numel())
-            incoming[name].copy_(decoded + ref if ref is not None else decoded)
-        self._payloads[level] = []
         if check_finite and not all(self._constants.finite(name, t) for name, t in incoming.items()
                                     if t.is_floating_point()):
             return False
@@ -362,8 +485,7 @@ class LSGD(DistributedWrapper):
             # the leader's, unless this rank is that leader.
             level = "global" if got_global else ("local" if got_local else None)
             if level is not None and self._copy_source[level] != self.rank:
-                for key, flat in self.other_buffers.items():
-                    flat.flat.copy_(self._copies[level]["obuf." + key_name(key)])
+                self._adopt_others({key: self._copies[level]["obuf." + key_name(key)] for key in self.other_buffers})
 
     def _recover(self, level: str) -> None:
         """This worker diverged: take the leader's parameters and buffers, restart the optimizer state."""

@@ -75,6 +75,12 @@ class OneSidedEASGD(DistributedWrapper):
         if alpha is not None:
             check_real("alpha", alpha, 0.0, 1.0, low_open=True)
         self._alpha_given = None if alpha is None else float(alpha)
+        from horovod_leader import engine
+
+        if engine.choose() == "torch":  # decided alike on every rank, before any collective
+            raise ValueError("OneSidedEASGD keeps its centre in MPI windows, which the torch engine does not have: "
+                             "run it on the Horovod engine (--backend horovod, or HOROVOD_LEADER_BACKEND=horovod) "
+                             "under mpirun or horovodrun in MPI mode")
         for name, p in model.named_parameters():
             if not p.is_floating_point() and not p.is_complex():
                 continue  # frozen (integer, bool): left alone, as by every wrapper
@@ -183,8 +189,9 @@ class OneSidedEASGD(DistributedWrapper):
         collective: any rank may call it alone); after ``close()``, gathered from every rank's
         final shard with one Horovod all-gather per packed buffer, so every rank must call it."""
         if self._closed:
-            import horovod.torch as hvd
+            from horovod_leader import engine
 
+            hvd = engine.active()
             return {key: hvd.allgather(torch.from_numpy(self._final_shards[key].copy()),
                                        name=f"{self.name}.centre_shards.{key_name(key)}") for key in self.params}
         MPI = self._MPI

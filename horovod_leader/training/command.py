@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-size", type=int, default=None,
                    help="ranks per group (by default the ranks of each node form a group)")
     g.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
+    g.add_argument("--backend", default=None, choices=("horovod", "torch"),
+                   help="the collectives underneath: horovod (MPI or Gloo) or torch (torch.distributed, launched by "
+                        "torchrun); default: HOROVOD_LEADER_BACKEND, else torch under torchrun, else horovod")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: the GPU of this rank's local rank when CUDA is available")
     g = p.add_argument_group("hyperparameters (see --preset paper for the authors' CIFAR-10 settings)")
@@ -143,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--period", type=int, default=None,
                    help="communication period tau: steps between rounds (default: " + ", ".join(
                        f"{spec.period} for {name}" for name, spec in METHODS.items() if spec.period) + ")")
+    g.add_argument("--overlap", type=int, default=0,
+                   help="d: a synchronous round posted at step k is applied at step k + d, its correction computed "
+                        "from what each worker sent, while the exchange crosses the links (0: at once; smaller than "
+                        "--period; " + ", ".join(n for n, spec in METHODS.items() if "overlap" in spec.options) + ")")
     g.add_argument("--global-period", type=int, default=None,
                    help=f"lsgd's tau_G (default {LSGD.CLI_GLOBAL_PERIOD_FACTOR} x --period, the authors' tau = tau_G/4)")
     g.add_argument("--local-pull", type=float, default=LSGD.DEFAULT_PULL, help="lsgd's lambda")
@@ -169,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=float, default=None,
                    help="seconds of training time between evaluations (default a tenth of --time-budget; "
                         "without a budget, every tenth of the steps)")
+    g.add_argument("--eval-subset", type=int, default=None, metavar="N",
+                   help="intermediate evaluations on N test samples spread evenly over the test set (a fixed "
+                        "subset, the same for every method); the last evaluation of the centre uses the whole test set; each "
+                        "worker's own model is always measured on the subset")
     g.add_argument("--bn-batches", type=_bn_batches, default=20, metavar="N|full",
                    help="training batches over which the centre's batch-norm statistics are re-estimated "
                         "(full: a whole pass, the authors' choice)")
@@ -180,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, metavar="OUT",
                    help="continue the run in OUT from its last checkpoint, with the configuration saved in "
                         "OUT/config.json; options given again must repeat it, except --time-budget, --epochs, "
-                        "--eval-every, --checkpoint-every and --no-progress")
+                        "--eval-every, --eval-subset, --checkpoint-every and --no-progress")
     g.add_argument("--no-progress", action="store_true", help="no progress display")
     return p
 
@@ -202,9 +213,18 @@ def validate(args, explicit=frozenset()) -> None:
     if args.asynchronous and args.algo not in async_algos():
         raise ValueError(f"--async is available for {list(async_algos())}, not --algo {args.algo}")
     validate_method_options(args, explicit)
+    from horovod_leader import engine
     from horovod_leader.launcher import launched_by_mpi, mpi_required_message
-    if args.asynchronous and not launched_by_mpi():
+    torch_engine = engine.choose(args.backend) == "torch"
+    if args.asynchronous and not launched_by_mpi() and not torch_engine:
         raise ValueError(mpi_required_message("--async"))
+    if torch_engine and args.algo == "easgd" and args.easgd_variant == "one-sided":
+        raise ValueError("--easgd-variant one-sided keeps its centre in MPI windows, which the torch engine does not "
+                         "have: give --backend horovod and launch with mpirun or horovodrun in MPI mode")
+    if torch_engine and args.flatness:
+        raise ValueError("--flatness measures with Horovod process sets, which the torch engine does not have yet: "
+                         "give --backend horovod (mpirun or horovodrun), or measure afterwards with "
+                         "horovod_leader.hessian on one process")
     check_real("--lr", args.lr, 0.0, math.inf)
     check_real("--momentum", args.momentum, 0.0, 1.0, high_open=True)
     check_real("--weight-decay", args.weight_decay, 0.0, math.inf)
@@ -220,6 +240,17 @@ def validate(args, explicit=frozenset()) -> None:
         args.global_period = args.period  # only LSGD uses it
     check_int("--global-period", args.global_period)
     check_multiple("--global-period", args.global_period, "--period", args.period)
+    check_int("--overlap", args.overlap, minimum=0)
+    if args.overlap:
+        if "overlap" not in spec.options or (args.algo == "easgd" and args.easgd_variant == "one-sided"):
+            raise ValueError(f"--overlap is not available with --algo {args.algo}"
+                             + (" --easgd-variant one-sided" if args.algo == "easgd" else "") + "; it covers "
+                             f"{[n for n, s in METHODS.items() if 'overlap' in s.options]}")
+        if args.asynchronous:
+            raise ValueError("--overlap is for synchronous rounds: asynchronous rounds already run while the workers "
+                             "step (drop --overlap or --async)")
+        if args.overlap >= args.period:
+            raise ValueError(f"--overlap {args.overlap} must be smaller than --period {args.period}")
     for name in ("local_pull", "global_pull", "pull", "prox"):
         check_fraction("--" + name.replace("_", "-"), getattr(args, name))
     if args.score_window is not None:
@@ -233,6 +264,8 @@ def validate(args, explicit=frozenset()) -> None:
     if args.eval_every is not None:
         check_real("--eval-every", args.eval_every, 0.0, math.inf, low_open=True)
     check_int("--checkpoint-every", args.checkpoint_every, minimum=0)
+    if args.eval_subset is not None:
+        check_int("--eval-subset", args.eval_subset)
     check_int("--flatness-batches", args.flatness_batches)
     if args.dataset == "cifar10" and not args.download and not os.path.isdir(os.path.join(args.data_dir,
                                                                                         "cifar-10-batches-py")):
@@ -242,7 +275,10 @@ def validate(args, explicit=frozenset()) -> None:
     if args.width is not None:
         check_int("--width", args.width)
     shape, dims = data.IMAGE_SHAPES[args.dataset], models.input_dims(args.model)
-    if dims is not None and dims != len(shape) - 1:
+    if (dims == "tokens") != (args.dataset == "pystdlib"):
+        raise ValueError(f"--model {args.model} and --dataset {args.dataset} do not fit: the language model (--model "
+                         "gpt) reads bytes (--dataset pystdlib), the other models images or signals")
+    if dims is not None and dims != "tokens" and dims != len(shape) - 1:
         wanted = "1-D signals (--dataset mnist1d)" if dims == 1 else "images (--dataset digits, cifar10 or synthetic)"
         raise ValueError(f"--model {args.model} needs {wanted}; --dataset {args.dataset} gives inputs of shape {shape}")
     needs = models.input_size(args.model)
@@ -327,9 +363,10 @@ class Trainer:
     """One run: model, optimizer wrapper, schedule and the loop. The data pipeline, the
     evaluation and the training clock live in ``horovod_leader.training``."""
 
-    def __init__(self, args, topo):
-        import horovod.torch as hvd
+    def __init__(self, args, topo, clock=None):
         import torch
+
+        from horovod_leader import engine
 
         from horovod_leader.training import data, models
         from horovod_leader.training.augment import BatchAugment
@@ -337,6 +374,7 @@ class Trainer:
         from horovod_leader.training.evaluation import Evaluator
         from horovod_leader.training.pipeline import FreshBatchLoss, TrainPipeline
 
+        hvd = engine.active()  # Horovod, or the torch.distributed engine (``--backend``)
         self.args, self.topo, self.hvd, self.torch = args, topo, hvd, torch
         self.rank, self.size = topo.rank, topo.size
         self.out = Path(args.resume or args.out)
@@ -358,9 +396,12 @@ class Trainer:
         self.fresh = (FreshBatchLoss(self.pipeline, args.fresh_batch) if self.spec.fresh_loss and args.fresh_batch
                       else None)
         self.wrapper = make_wrapper(args, self.inner_optimizer, self.model, self.fresh)
+        from horovod_leader.training.metrics import for_dataset
+
         self.evaluator = Evaluator(self.model, self.wrapper, args.algo, self.pipeline, test, topo, hvd, self.device,
-                                   None if args.bn_batches == "full" else args.bn_batches, args.asynchronous)
-        self.clock = TrainingClock()
+                                   None if args.bn_batches == "full" else args.bn_batches, args.asynchronous,
+                                   metric=for_dataset(args.dataset), eval_subset=args.eval_subset)
+        self.clock = clock if clock is not None else TrainingClock()  # e.g. links.counting_clock's
         self.steps_per_epoch = self.pipeline.steps_per_epoch
         self.step = 0
         self.losses: List[float] = []
@@ -385,8 +426,13 @@ class Trainer:
         resume, with the budget and intervals of the new segment)."""
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps({**vars(self.args), "world_size": self.size,
-                                                              "groups": self.topo.groups}, indent=2))
+            from horovod_leader.training.metrics import for_dataset
+
+            extra = {"world_size": self.size, "groups": self.topo.groups, "metric": for_dataset(self.args.dataset).name}
+            if self.args.dataset == "pystdlib":  # the corpus: the interpreter's version, its files and bytes
+                from horovod_leader.training.data_pystdlib import metadata
+                extra["dataset_metadata"] = metadata()
+            (self.out / "config.json").write_text(json.dumps({**vars(self.args), **extra}, indent=2))
 
     def evaluates_now(self) -> bool:
         """An evaluation is due: whether to measure at once. Synchronous runs: every rank,
@@ -406,6 +452,11 @@ class Trainer:
         """Measure and record (rank 0 writes, with its own clock's reading), outside the training clock."""
         seconds, wall = self.clock.train_seconds(), self.clock.wall_seconds()
         with self.clock.excluded():
+            if getattr(self.wrapper, "_in_flight", None) is not None:
+                # an overlapped round's exchange completes first (it is still applied at its own
+                # step): on the torch engine collectives on one group run in the order posted,
+                # and the evaluation's all-reduces share the node's group with the round's
+                self.wrapper._driver.progress(block=True)
             return self.record(self.evaluator.record(step=self.step, epoch=self.step / self.steps_per_epoch,
                                                      train_seconds=seconds, wall_seconds=wall,
                                                      mean_loss=self.mean_loss(), snapshot=snapshot))
@@ -442,6 +493,7 @@ class Trainer:
     def run(self) -> None:
         from horovod_leader.training import checkpoint
         from horovod_leader.training.clock import AgreedClock
+        from horovod_leader.training.metrics import cross_entropy
         from horovod_leader.training.schedule import LoopSchedule
 
         args, torch = self.args, self.torch
@@ -472,7 +524,7 @@ class Trainer:
                 lr = schedule.lr_at(self.step, seconds)
                 for group in self.inner_optimizer.param_groups:
                     group["lr"] = lr
-                loss = torch.nn.functional.cross_entropy(self.model(x), y)
+                loss = cross_entropy(self.model(x), y)
                 self.inner_optimizer.zero_grad()
                 loss.backward()
                 self.wrapper.step(loss)
@@ -484,7 +536,7 @@ class Trainer:
                     bar.update(1)
                     if self.step % 10 == 0:
                         bar.set_postfix(loss=f"{self.mean_loss():.3f}", leader=getattr(self.wrapper, "global_leader", "-"),
-                                        acc="-" if last_acc is None else f"{last_acc:.3f}")
+                                        **{self.evaluator.metric.name: "-" if last_acc is None else f"{last_acc:.3f}"})
                 done = schedule.done(self.step, seconds)
                 if schedule.evaluation_due(self.step, seconds) and not done and self.evaluates_now():
                     last_acc = self.evaluate()
@@ -515,7 +567,8 @@ class Trainer:
             bar.close()
         if self.rank == 0:
             print(f"done: {self.step} steps in {seconds:.1f} s of training ({self.clock.wall_seconds():.1f} s in all); "
-                  f"final centre accuracy {last_acc if last_acc is None else round(last_acc, 4)}; "
+                  f"final centre {self.evaluator.metric.name.replace('_', ' ')} "
+                  f"{last_acc if last_acc is None else round(last_acc, 4)}; "
                   f"metrics in {self.out / 'metrics.jsonl'}", flush=True)
 
     def final_evaluation(self, seconds: float, wall: float) -> Optional[float]:
@@ -540,7 +593,8 @@ class Trainer:
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-        for key in ("centre_accuracy", "worker0_accuracy"):  # the centre is every method's headline
+        keys = self.evaluator.keys
+        for key in (keys["centre"], keys["worker0"]):  # the centre is every method's headline
             if record.get(key) is not None:
                 return record[key]
         return None
@@ -578,26 +632,33 @@ def parse_and_validate(argv: Optional[List[str]]):
         return None, str(error)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def agreed_on_every_rank(error: Optional[str], prog: str = "horovod-leader-train") -> bool:
+    """Whether no rank found an error in its arguments (``error``: this rank's, or None).
+
+    Every rank checked its own arguments without communicating; one small all-gather (which
+    every rank reaches, whatever its arguments; over MPI, or Horovod's collectives in Gloo
+    mode) lets all of them stop together when any rank's arguments are bad: no rank is left
+    waiting in a collective. Rank 0 prints the errors, naming the ranks."""
     from horovod_leader.launcher import gather_from_every_rank, world_rank
 
-    args, error = parse_and_validate(argv)
-    # Every rank checked its own arguments without communicating; one small all-gather (which
-    # every rank reaches, whatever its arguments; over MPI, or Horovod's collectives in Gloo
-    # mode) lets all of them stop together when any rank's arguments are bad: no rank is left
-    # waiting in a collective.
     errors = gather_from_every_rank(error, name="train.option_check")
-    if any(errors):
-        if world_rank() == 0:
-            bad = sorted({e for e in errors if e})
-            ranks = [r for r, e in enumerate(errors) if e]
-            for message in bad:
-                print(f"horovod-leader-train: error (ranks {ranks}): {message}", file=sys.stderr, flush=True)
+    if not any(errors):
+        return True
+    if world_rank() == 0:
+        ranks = [r for r, e in enumerate(errors) if e]
+        for message in sorted({e for e in errors if e}):
+            print(f"{prog}: error (ranks {ranks}): {message}", file=sys.stderr, flush=True)
+    return False
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args, error = parse_and_validate(argv)
+    if not agreed_on_every_rank(error):
         return 2
     import horovod_leader as hl
 
-    topo = hl.init(group_size=args.group_size)
-    import horovod.torch as hvd
+    topo = hl.init(group_size=args.group_size, backend=args.backend)
+    hvd = hl.engine.active()
     if args.resume is not None:
         from horovod_leader.training import resume
         try:  # the same files and groups on every rank: every rank decides alike

@@ -5,7 +5,8 @@ needs no download. Images are scaled to [0, 1] and standardised with the trainin
 ``cifar10`` is read through torchvision and normalised as in the authors' code; its
 augmentation (random crops and flips of whole batches) is applied while training, by
 ``horovod_leader.training.augment``. ``mnist1d`` (``horovod_leader.training.data_mnist1d``) is
-generated locally and cached. Which samples each rank sees is decided per epoch by
+generated locally and cached; ``pystdlib`` (``horovod_leader.training.data_pystdlib``) is the
+Python standard library's own source, as bytes, for a language model. Which samples each rank sees is decided per epoch by
 ``horovod_leader.training.pipeline``; ``shard`` is the fixed split used by the examples.
 """
 from __future__ import annotations
@@ -43,12 +44,13 @@ def shard(dataset: TensorDataset, rank: int, size: int) -> TensorDataset:
     return TensorDataset(*(t[rank::size][:length] for t in dataset.tensors))
 
 
-DATASETS = ("digits", "cifar10", "synthetic", "mnist1d")
+DATASETS = ("digits", "cifar10", "synthetic", "mnist1d", "pystdlib")
 
 # The shape of one input of each data set, (channels, height, width) for images and
 # (channels, length) for signals, known without loading it, so that the training command
 # can check a model and augmentation against it before any collective.
-IMAGE_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "synthetic": (3, 32, 32), "mnist1d": (1, 40)}
+IMAGE_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "synthetic": (3, 32, 32), "mnist1d": (1, 40),
+                "pystdlib": (128,)}  # pystdlib: a window of bytes (``data_pystdlib.CONTEXT``)
 
 # The authors' normalisation (kuangliu/pytorch-cifar's values, used by the LSGD code).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -98,6 +100,10 @@ def load(name: str, data_dir: str = "data", download: bool = False, seed: int = 
     """(train, test, in_channels, num_classes) for a data set name. ``samples``: MNIST-1D's
     sample count (train and test together; default 50,000). Its data seed is fixed, not
     ``seed``, so that every run sees the same signals."""
+    if name == "pystdlib":  # byte-level language modelling: 256 "classes", the next byte
+        from horovod_leader.training.data_pystdlib import pystdlib
+        train, test = pystdlib()
+        return train, test, 1, 256
     if name == "mnist1d":
         from horovod_leader.training.data_mnist1d import DEFAULT_SAMPLES, mnist1d
         train, test = mnist1d(DEFAULT_SAMPLES if samples is None else samples)

@@ -1,6 +1,7 @@
 """Test accuracy of the workers, the global leader, the centre and each group's centre.
 
-* **worker**: each rank's own model on the whole test set;
+* **worker**: each rank's own model on the whole test set (with ``--eval-subset``, on the
+  subset, also in the last record: each rank measures its own alone);
 * **leader** (LSGD): the global leader's worker accuracy;
 * **centre**: every method's headline, as the authors report it: the workers' average
   x̄ = (1/p) Σ_i x_i, with batch-norm statistics re-estimated (LSGD, GRAWA, local SGD,
@@ -33,19 +34,12 @@ import torch
 from torch import nn
 
 from horovod_leader.packing import key_name
+from horovod_leader.training.metrics import Accuracy, Metric
 
 
 def count_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device, batch: int = 1024) -> int:
     """Correctly classified samples among ``images`` (model in evaluation mode)."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(labels), batch):
-            logits = model(images[i:i + batch].to(device, non_blocking=True))
-            correct += int((logits.argmax(1).cpu() == labels[i:i + batch]).sum())
-    model.train(was_training)
-    return correct
+    return int(Accuracy().totals(model, images, labels, device, batch)[0])
 
 
 def batch_norms(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
@@ -95,7 +89,8 @@ class Evaluator:
     intermediate evaluations of asynchronous runs, where only rank 0 measures its worker)."""
 
     def __init__(self, model: nn.Module, opt, algo: str, pipeline, test_set, topo, hvd, device,
-                 bn_batches: Optional[int] = 20, asynchronous: bool = False):
+                 bn_batches: Optional[int] = 20, asynchronous: bool = False, metric: Optional[Metric] = None,
+                 eval_subset: Optional[int] = None):
         from horovod_leader.registry import METHODS
 
         self.model, self.opt, self.algo, self.pipeline = model, opt, algo, pipeline
@@ -103,12 +98,22 @@ class Evaluator:
         self.topo, self.hvd, self.device = topo, hvd, device
         self.bn_batches = bn_batches  # None: a full pass
         self.asynchronous = asynchronous
-        images, self.test_labels = test_set.tensors
-        self.test_images = pipeline.augment.test(images).contiguous()
+        self.metric = metric or Accuracy()  # accuracy, or bits per byte (``training.metrics``)
+        self.keys = self.metric.keys
+        images, labels = test_set.tensors
+        self._full = (pipeline.augment.test(images).contiguous(), labels)
+        n = len(labels) if eval_subset is None else min(eval_subset, len(labels))
+        # the intermediate evaluations' fixed subset: n samples spread evenly over the test set
+        pick = torch.linspace(0, len(labels) - 1, n).round().long() if n < len(labels) else slice(None)
+        self._subset = (self._full[0][pick], labels[pick])
+        self.test_images, self.test_labels = self._subset
 
     # ------------------------------------------------------------------ pieces
     def worker_accuracy(self) -> float:
-        return count_correct(self.model, self.test_images, self.test_labels, self.device) / len(self.test_labels)
+        """This rank's own model on the test set (in the run's metric): the whole of it, or with
+        ``--eval-subset`` always the subset (every rank measures its own model alone)."""
+        images, labels = self._subset
+        return self.metric.value(*self.metric.totals(self.model, images, labels, self.device))
 
     def average_model(self, process_set, name: str, stored: Optional[Dict] = None) -> nn.Module:
         """A copy of the model holding the members' average parameters (with ``stored``: those
@@ -130,11 +135,11 @@ class Evaluator:
 
     def shared_accuracy(self, model: nn.Module, position: int, members: int, process_set, name: str) -> float:
         """Accuracy on the test set, split among the members (sample k to the k mod m-th)."""
-        mine = count_correct(model, self.test_images[position::members], self.test_labels[position::members],
-                             self.device)
-        total = self.hvd.allreduce(torch.tensor([float(mine)], dtype=torch.float64), op=self.hvd.Sum, name=name,
+        mine = self.metric.totals(model, self.test_images[position::members], self.test_labels[position::members],
+                                  self.device)
+        total = self.hvd.allreduce(torch.tensor(mine, dtype=torch.float64), op=self.hvd.Sum, name=name,
                                    process_set=process_set)
-        return float(total[0]) / len(self.test_labels)
+        return self.metric.value(float(total[0]), int(total[1]))
 
     def centre(self, process_set, position: int, members: int, name: str, own_centre: bool = False) -> nn.Module:
         """The members' average with batch-norm statistics re-estimated (identical on every
@@ -173,7 +178,7 @@ class Evaluator:
                         copies[index[id(tensor)]].copy_(view)
         if batch_norms(centre):
             reestimate_batch_norm(centre, self.pipeline.evaluation_batches(self.bn_batches, 0, 1))
-        return count_correct(centre, self.test_images, self.test_labels, self.device) / len(self.test_labels)
+        return self.metric.value(*self.metric.totals(centre, self.test_images, self.test_labels, self.device))
 
     def centre_accuracy(self, process_set, position: int, members: int, name: str,
                         own_centre: bool = False) -> float:
@@ -197,9 +202,11 @@ class Evaluator:
         rank; the one-sided EASGD's window traffic is ``one_sided_bytes``. ``snapshot``: an
         asynchronous run's average taken at a round (``take_centre()``)."""
         opt, hvd = self.opt, self.hvd
+        self.test_images, self.test_labels = self._full if final else self._subset
         leader = getattr(opt, "global_leader", None)
         one_sided = getattr(opt, "one_sided_bytes", None)  # the one-sided EASGD's traffic (no collectives)
-        base = {"train_seconds": train_seconds, "wall_seconds": wall_seconds, "step": step, "epoch": epoch}
+        base = {"train_seconds": train_seconds, "wall_seconds": wall_seconds, "step": step, "epoch": epoch,
+                "test_samples": len(self.test_labels)}
         if self.asynchronous and not final:
             # No collectives between refreshes: rank 0 reports its own worker and the centre
             # that it can read alone (its replica, or the snapshot taken at a round).
@@ -208,25 +215,25 @@ class Evaluator:
             own = self.local_centre()
             centre = (self.centre_alone(own) if own is not None else
                       self.centre_alone(snapshot["params"], snapshot["buffers"]) if snapshot is not None else None)
-            out = {**base, "worker0_accuracy": self.worker_accuracy(), "centre_accuracy": centre, "loss": mean_loss,
-                   "comm_bytes": opt.comm_bytes, "global_leader": leader}
+            out = {**base, self.keys["worker0"]: self.worker_accuracy(), self.keys["centre"]: centre,
+                   "loss": mean_loss, "comm_bytes": opt.comm_bytes, "global_leader": leader}
             if one_sided is not None:
                 out["one_sided_bytes"] = one_sided
             return out
         own = torch.tensor([self.worker_accuracy(), mean_loss, float(opt.comm_bytes), step,
                             float(one_sided or 0)], dtype=torch.float64)
         everyone = hvd.allgather(own.reshape(1, -1), name="train.eval").tolist()
-        record = {**base, "worker_accuracies": [row[0] for row in everyone], "losses": [row[1] for row in everyone],
+        record = {**base, self.keys["workers"]: [row[0] for row in everyone], "losses": [row[1] for row in everyone],
                   "comm_bytes": [int(row[2]) for row in everyone], "steps": [int(row[3]) for row in everyone],
                   "global_leader": leader, "local_leaders": None,
-                  "centre_accuracy": self.centre_accuracy(hvd.global_process_set, self.topo.rank, self.topo.size,
-                                                          "train.centre", own_centre=True)}
+                  self.keys["centre"]: self.centre_accuracy(hvd.global_process_set, self.topo.rank, self.topo.size,
+                                                            "train.centre", own_centre=True)}
         if one_sided is not None:
             record["one_sided_bytes"] = [int(row[4]) for row in everyone]
         if self.has_leader:
             local = -1 if opt.local_leader is None else opt.local_leader
             record["local_leaders"] = hvd.allgather(torch.tensor([[local]]), name="train.leaders").flatten().tolist()
-            record["leader_accuracy"] = record["worker_accuracies"][leader] if leader is not None else None
+            record[self.keys["leader"]] = record[self.keys["workers"]][leader] if leader is not None else None
             if self.topo.num_groups > 1:
-                record["group_centre_accuracies"] = self.group_centre_accuracies()
+                record[self.keys["groups"]] = self.group_centre_accuracies()
         return record

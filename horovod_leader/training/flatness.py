@@ -26,7 +26,8 @@ def measure_for_run(evaluator, count: int, seed: int, samples: int = 100, iters:
 
     Every rank must call it at the same point (after the wrappers are closed); every rank
     gets the same dict, for the final metrics record."""
-    import horovod.torch as hvd
+    from horovod_leader import engine
+    hvd = engine.active()
 
     world, rank, size = hvd.global_process_set, hvd.rank(), hvd.size()
     pipeline = evaluator.pipeline

@@ -219,7 +219,50 @@ class WideMLP(nn.Module):
         return self.layers(x)
 
 
-CLASSES = {"cnn": DigitsCNN, "resnet20": ResNetCIFAR, "cnn7": CNN7, "vgg16": VGG16, "cnn1d": CNN1D, "mlp": WideMLP}
+class GPTBlock(nn.Module):
+    """Pre-norm transformer block: causal self-attention, then a 4x MLP with GELU."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """A small GPT-style byte-level language model: byte and position embeddings, ``layers``
+    pre-norm blocks, a final norm and a linear head over the 256 byte values. Input: (B, T)
+    int64 bytes with T <= ``context``; output: (B, T, 256) logits predicting the next byte.
+    5,692,928 parameters with the defaults (width 256, 7 layers, 4 heads, context 128)."""
+
+    input_dims = "tokens"
+    input_size: Optional[int] = None
+    DEFAULT_WIDTH, LAYERS, HEADS, CONTEXT, VOCABULARY = 256, 7, 4, 128, 256
+
+    def __init__(self, width: int = DEFAULT_WIDTH, layers: int = LAYERS, heads: int = HEADS, context: int = CONTEXT):
+        super().__init__()
+        self.tokens = nn.Embedding(self.VOCABULARY, width)
+        self.positions = nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*(GPTBlock(width, heads) for _ in range(layers)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, self.VOCABULARY)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1], device=x.device)
+        return self.head(self.norm(self.blocks(self.tokens(x) + self.positions(positions))))
+
+
+CLASSES = {"cnn": DigitsCNN, "resnet20": ResNetCIFAR, "cnn7": CNN7, "vgg16": VGG16, "cnn1d": CNN1D, "mlp": WideMLP,
+           "gpt": GPT}
 MODELS = tuple(CLASSES)
 
 
@@ -235,7 +278,8 @@ def input_size(name: str) -> Optional[int]:
 
 
 def input_dims(name: str) -> Optional[int]:
-    """2 for image models, 1 for signal models, None for models that take any input."""
+    """2 for image models, 1 for signal models, ``"tokens"`` for language models, None for
+    models that take any input."""
     _check_name(name)
     return CLASSES[name].input_dims
 
@@ -256,10 +300,15 @@ def build(name: str, num_classes: int, in_channels: int, input_shape: Optional[S
         if len(shape) != 2:
             raise ValueError(f"model cnn1d needs 1-D signals of shape (channels, length), got inputs of shape {shape}")
         return CNN1D(num_classes, shape[0], shape[1])
+    if name in ("mlp", "gpt") and width is not None and (isinstance(width, bool) or not isinstance(width, int)
+                                                         or width < 1):
+        raise ValueError(f"width must be an integer >= 1, got {width!r}")
     if name == "mlp":
-        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
-            raise ValueError(f"width must be an integer >= 1, got {width!r}")
         return WideMLP(num_classes, math.prod(shape), width or WideMLP.DEFAULT_WIDTH)
+    if name == "gpt":
+        if (width or GPT.DEFAULT_WIDTH) % GPT.HEADS:
+            raise ValueError(f"width must be a multiple of the {GPT.HEADS} attention heads, got {width}")
+        return GPT(width or GPT.DEFAULT_WIDTH, context=shape[-1] if input_shape is not None else GPT.CONTEXT)
     return CLASSES[name](num_classes, in_channels)
 
 

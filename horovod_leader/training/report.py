@@ -4,9 +4,10 @@
 
 For each run folder (written by ``horovod_leader.train``): final and best test accuracy, the
 training time to reach ``--target`` accuracy, steps per second of training, and bytes
-communicated per step per worker. Plots: test error against training time (the papers'
-figure, on a log axis so that one run that fails does not flatten the others), the global
-leader's identity over time, and communication volume over time.
+communicated per step per worker. Plots: test accuracy against training time (linear, in
+percent: the figure read at a glance), test error against training time (the papers' figure,
+on a log axis so that one run that fails does not flatten the others), the global leader's
+identity over time, and communication volume over time.
 
 Which model a run's curve measures (the ``curve of`` column; the accuracy columns, the time
 to target and the plotted curve all use that one model): the **centre**, for every method,
@@ -47,8 +48,11 @@ def load_run(folder: Path) -> Dict:
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not records:
         raise ValueError(f"{metrics_path} is empty")
+    from horovod_leader.training.metrics import METRICS
+
     return {"name": folder.name, "label": method_label(config, folder.name), "config": config,
-            "records": records, "model": curve_of(config, records)}
+            "records": records, "model": curve_of(config, records),
+            "metric": METRICS[config.get("metric", "accuracy")]}
 
 
 def method_label(config: Dict, fallback: str) -> str:
@@ -73,9 +77,11 @@ def curve_of(config: Dict, records: List[Dict]) -> str:
     return spec.centre if spec is not None else "centre (workers' average)"
 
 
-def accuracy_of(record: Dict, model: Optional[str] = None) -> Optional[float]:
-    """The centre's accuracy in one record, or None (``model`` is ``curve_of``'s label)."""
-    return None if record.get("centre_accuracy") is None else float(record["centre_accuracy"])
+def accuracy_of(record: Dict, model: Optional[str] = None, metric=None) -> Optional[float]:
+    """The centre's figure in one record, or None: its accuracy, or the run's ``metric``
+    (``training.metrics``: bits per byte for the language model). ``model`` is ``curve_of``'s label."""
+    key = "centre_accuracy" if metric is None else metric.keys["centre"]
+    return None if record.get(key) is None else float(record[key])
 
 
 OVER_BUDGET = 1.05  # a run that trained more than 5% past its budget is flagged
@@ -92,8 +98,9 @@ def budget_cell(run: Dict) -> str:
 
 
 def curve(run: Dict) -> List:
-    """(training seconds, accuracy) of the run's model, in order."""
-    return [(r["train_seconds"], a) for r in run["records"] if (a := accuracy_of(r, run["model"])) is not None]
+    """(training seconds, the run's metric) of its centre, in order."""
+    return [(r["train_seconds"], a) for r in run["records"]
+            if (a := accuracy_of(r, run["model"], run.get("metric"))) is not None]
 
 
 def bytes_of(record: Dict) -> float:
@@ -110,17 +117,19 @@ def bytes_of(record: Dict) -> float:
 def summarise(run: Dict, target: float) -> Dict:
     records = run["records"]
     accs = curve(run)
+    metric = run["metric"]
     last = records[-1]
-    reached = next((t for t, a in accs if a >= target), None)
+    reached = next((t for t, a in accs if metric.better(a, target)), None)
     steps = max(last["step"], 1)
-    return {"run": run["name"], "method": run["label"], "curve_of": run["model"],
-            "final_leader_accuracy": last.get("leader_accuracy"), "trained": budget_cell(run),
+    best = max if metric.higher_is_better else min
+    return {"run": run["name"], "method": run["label"], "curve_of": run["model"], "metric": metric.name,
+            "final_leader_accuracy": last.get(metric.keys["leader"]), "trained": budget_cell(run),
             "final_accuracy": accs[-1][1] if accs else None,
-            "best_accuracy": max(a for _, a in accs) if accs else None, "time_to_target_s": reached,
+            "best_accuracy": best(a for _, a in accs) if accs else None, "time_to_target_s": reached,
             "steps_per_s": last["step"] / last["train_seconds"] if last["train_seconds"] > 0 else None,
             "bytes_per_step": bytes_of(last) / steps, "steps": last["step"],
             "train_seconds": last["train_seconds"], "wall_seconds": last["wall_seconds"],
-            "final_group_centre_accuracies": last.get("group_centre_accuracies"),
+            "final_group_centre_accuracies": last.get(metric.keys["groups"]),
             **{key: last.get(key) for key in FLATNESS_KEYS}}
 
 
@@ -137,7 +146,8 @@ def flatness_cell(summary: Dict, key: str) -> str:
 
 def table(summaries: List[Dict], target: float) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    lines = [f"| run | method | curve of | final acc. | best acc. | training time to {target:.2f} (s) | "
+    what = "bits/byte" if summaries and summaries[0].get("metric") == "bits_per_byte" else "acc."
+    lines = [f"| run | method | curve of | final {what} | best {what} | training time to {target:.2f} (s) | "
              "final leader | trained (s) | steps/s | bytes/step/worker | Hessian trace | top eigenvalue |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
@@ -160,15 +170,33 @@ def error_figure(runs: List[Dict]):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    accuracy = all(run.get("metric") is None or run["metric"].name == "accuracy" for run in runs)
     for run in runs:
         pts = curve(run)
-        ax.plot([t for t, _ in pts], [max(100 * (1.0 - a), ERROR_FLOOR) for _, a in pts], marker=".",
-                label=f"{run['name']} ({run['label']}: {run['model']})")
-    ax.set_yscale("log")
+        ys = [max(100 * (1.0 - a), ERROR_FLOOR) for _, a in pts] if accuracy else [a for _, a in pts]
+        ax.plot([t for t, _ in pts], ys, marker=".", label=f"{run['name']} ({run['label']}: {run['model']})")
+    if accuracy:
+        ax.set_yscale("log")
     return fig
 
 
-def plots(runs: List[Dict], out: Path) -> List[Path]:
+def accuracy_figure(runs: List[Dict]):
+    """Test accuracy (%) of each run's centre against training time, on a linear axis (bits per
+    byte for a language model): the figure read at a glance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    accuracy = all(run.get("metric") is None or run["metric"].name == "accuracy" for run in runs)
+    for run in runs:
+        pts = curve(run)
+        ax.plot([t for t, _ in pts], [100 * a if accuracy else a for _, a in pts], marker="o", markersize=3,
+                label=run["name"])
+    return fig, accuracy
+
+
+def plots(runs: List[Dict], out: Path, title: Optional[str] = None) -> List[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -187,9 +215,18 @@ def plots(runs: List[Dict], out: Path) -> List[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
+    fig, accuracy = accuracy_figure(runs)
+    finish(fig, fig.axes[0], "test_accuracy_vs_time.png",
+           "test accuracy of the centre (%)" if accuracy else "validation bits per byte of the centre",
+           title or ("Test accuracy against training time" if accuracy else "Validation loss against training time"))
+
     fig = error_figure(runs)
-    finish(fig, fig.axes[0], "test_error_vs_time.png", "test error (%), log scale",
-           "Test error against training time")
+    if all(run["metric"].name == "accuracy" for run in runs):
+        finish(fig, fig.axes[0], "test_error_vs_time.png", "test error (%), log scale",
+               "Test error against training time")
+    else:
+        finish(fig, fig.axes[0], "test_error_vs_time.png", "validation bits per byte",
+               "Validation loss against training time")
 
     with_leaders = [r for r in runs if any(rec.get("global_leader") is not None for rec in r["records"])]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -214,6 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("runs", nargs="+", help="output folders of horovod_leader.train")
     parser.add_argument("--target", type=float, default=0.95, help="accuracy for the time-to-target column")
     parser.add_argument("--out", default=None, help="where report.md and the PNGs go (default: next to the runs)")
+    parser.add_argument("--title", default=None, help="the accuracy plot's title")
     args = parser.parse_args(argv)
     try:
         runs = [load_run(Path(folder)) for folder in args.runs]
@@ -232,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "more than 5% past its budget.")
     (out / "report.md").write_text(markdown + "\n\n" + note + "\n")
     (out / "summary.json").write_text(json.dumps(summaries, indent=2))
-    paths = plots(runs, out)
+    paths = plots(runs, out, args.title)
     print(markdown)
     print("\n" + note)
     print("\nplots: " + ", ".join(str(p) for p in paths))

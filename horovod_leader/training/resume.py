@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Dict, Iterable, List
 
-MAY_CHANGE = ("time_budget", "epochs", "eval_every", "checkpoint_every", "no_progress")
+MAY_CHANGE = ("time_budget", "epochs", "eval_every", "eval_subset", "checkpoint_every", "no_progress")
 
 # Keys of config.json that are not options, or that resuming sets itself.
 NOT_OPTIONS = ("world_size", "groups", "resume", "out")

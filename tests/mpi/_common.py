@@ -6,7 +6,13 @@ from __future__ import annotations
 import contextlib
 import sys
 
-import horovod.torch as hvd
+
+def collectives():
+    """The engine's collectives (Horovod, or the torch engine under torchrun), for the checks' own
+    exchanges."""
+    from horovod_leader import engine
+
+    return engine.active()
 
 
 @contextlib.contextmanager
@@ -67,6 +73,7 @@ def evaluated_accuracy(name: str, opt, model, test) -> float:
     """What the papers report: LSGD's global leader, EASGD's centre, else the workers' average."""
     import torch
 
+    hvd = collectives()
     if name == "lsgd":
         accs = hvd.allgather(torch.tensor([test_accuracy(model, test)]), name=f"test.acc.{name}").tolist()
         return accs[opt.global_leader]
