@@ -15,8 +15,8 @@
 #   HOROVOD_LEADER_CACHE  where the built Horovod wheel is kept         (default: ~/.cache/horovod_leader)
 #   PYTHON                the interpreter the venv is made from        (default: python3)
 #   CUDA_HOME             CUDA toolkit for a GPU build (default: /usr/local/cuda when it exists)
-#   HOROVOD_LEADER_GPU    auto (default: build for CUDA when a toolkit is there and a GPU is
-#                         visible), yes (build for CUDA whenever a toolkit is there) or no
+#   HOROVOD_LEADER_GPU    the fused-update extension's CUDA kernels: auto (default: when a toolkit
+#                         is there and a GPU is visible), yes (whenever a toolkit is there) or no
 #   HOROVOD_LEADER_SKIP_HOROVOD=1  do not build Horovod: the torch engine only
 #   HOROVOD_*             passed through to Horovod's build (e.g. HOROVOD_GPU_OPERATIONS=NCCL)
 set -euo pipefail
@@ -89,20 +89,25 @@ CHANGED=0
 
 # ---------------------------------------------------------------- 3. Horovod
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
-# Horovod's CMake looks for a CUDA toolkit whenever torch is a CUDA build; say where it is,
-# or build CPU-only when there is none, or when no GPU is visible (HOROVOD_LEADER_GPU=auto):
-# a CUDA build there costs minutes and serves nothing.
+# Horovod's torch binding needs the CUDA toolkit whenever torch is a CUDA build (its CMake
+# adds CUDA then, GPU or not): say where it is, or build CPU-only when there is none.
 GPU_CHOICE=${HOROVOD_LEADER_GPU:-auto}
 case "$GPU_CHOICE" in auto|yes|no) ;; *) die "HOROVOD_LEADER_GPU must be auto, yes or no, got '$GPU_CHOICE'" ;; esac
 gpu_visible() { command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; }
-if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] && [ "$GPU_CHOICE" != no ] \
-        && { [ "$GPU_CHOICE" = yes ] || gpu_visible; }; then
+if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
     BUILD_FLAVOUR=cuda
 else
-    if [ -n "${CUDA_HOME:-}" ] && [ "$GPU_CHOICE" = auto ]; then
-        say "a CUDA toolkit but no GPU here: building for the CPU (HOROVOD_LEADER_GPU=yes builds for CUDA)"
+    BUILD_FLAVOUR=cpu; unset CUDA_HOME
+fi
+# The fused-update extension gets its CUDA kernels only where a GPU can run them
+# (HOROVOD_LEADER_GPU=auto): compiling them costs most of its build and serves nothing there.
+if [ "$BUILD_FLAVOUR" = cuda ] && [ "$GPU_CHOICE" != no ] && { [ "$GPU_CHOICE" = yes ] || gpu_visible; }; then
+    EXT_FLAVOUR=cuda
+else
+    EXT_FLAVOUR=cpu; export HOROVOD_LEADER_NO_CUDA=1
+    if [ "$BUILD_FLAVOUR" = cuda ] && [ "$GPU_CHOICE" = auto ]; then
+        say "no GPU visible: the fused-update extension is built for the CPU only (HOROVOD_LEADER_GPU=yes adds its CUDA kernels)"
     fi
-    BUILD_FLAVOUR=cpu; unset CUDA_HOME; export HOROVOD_LEADER_NO_CUDA=1
 fi
 HVD_FLAGS=$(env | grep '^HOROVOD_' | grep -v '^HOROVOD_LEADER_' | sort | tr '\n' ' ' || true)
 WHEEL_DIR="$CACHE/horovod-$HOROVOD_VERSION-torch$TORCH_TAG-$BUILD_FLAVOUR-$(hash_of <(echo "$HVD_FLAGS"))"
@@ -158,7 +163,7 @@ fi
 # The fused-update extension is built in place (C++ always, CUDA too when a toolkit is there),
 # then the package is installed editable. Without a compiler the PyTorch fallback is used.
 PKG_STAMP="$VENV/.package.sha"
-PKG_HASH=$(hash_of "$ROOT/setup.py" $(find "$ROOT/horovod_leader/csrc" -type f 2>/dev/null | sort) <(echo "$BUILD_FLAVOUR"))
+PKG_HASH=$(hash_of "$ROOT/setup.py" $(find "$ROOT/horovod_leader/csrc" -type f 2>/dev/null | sort) <(echo "$EXT_FLAVOUR"))
 if [ "$(cat "$PKG_STAMP" 2>/dev/null)" != "$PKG_HASH" ] || [ -z "$BACKEND" ]; then
     say "building the fused-update extension (C++, and CUDA when a toolkit is present: about a minute)"
     if ! (cd "$ROOT" && "$PY" setup.py -q build_ext --inplace >"$VENV/.extension-build.log" 2>&1); then
