@@ -165,7 +165,7 @@ fi
 PKG_STAMP="$VENV/.package.sha"
 PKG_HASH=$(hash_of "$ROOT/setup.py" $(find "$ROOT/horovod_leader/csrc" -type f 2>/dev/null | sort) <(echo "$EXT_FLAVOUR"))
 if [ "$(cat "$PKG_STAMP" 2>/dev/null)" != "$PKG_HASH" ] || [ -z "$BACKEND" ]; then
-    say "building the fused-update extension (C++, and CUDA when a toolkit is present: about a minute)"
+    say "building the fused-update extension ($EXT_FLAVOUR: about a minute)"
     if ! (cd "$ROOT" && "$PY" setup.py -q build_ext --inplace >"$VENV/.extension-build.log" 2>&1); then
         tail -30 "$VENV/.extension-build.log" >&2
         say "WARNING: the extension did not build (log: $VENV/.extension-build.log); the PyTorch fallback will be used"

@@ -30,6 +30,23 @@ def mpirun_command(np: int, argv: Iterable[str]) -> list:
     return cmd + list(argv)
 
 
+def _run_bounded(cmd, env: Dict[str, str], what: str, timeout: float, check: bool) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a session of its own; kill the whole session and fail (not hang) after
+    ``timeout`` seconds; with ``check``, fail on a non-zero exit, showing the output's end."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=str(REPO), start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{what} hung: no exit within {timeout}s\n{out[-6000:]}")
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    if check and proc.returncode != 0:
+        pytest.fail(f"{what} exited {proc.returncode}\n{out[-8000:]}")
+    return result
+
+
 def run_mpi(script: str, *args: str, np: int = 4, timeout: float = 300, env: Optional[Dict[str, str]] = None,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run tests/mpi/<script> on ``np`` ranks; fail (not hang) after ``timeout`` seconds."""
@@ -38,18 +55,7 @@ def run_mpi(script: str, *args: str, np: int = 4, timeout: float = 300, env: Opt
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     full_env.update(env or {})
     cmd = mpirun_command(np, [sys.executable, "-u", str(MPI_DIR / script), *args])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
-                            cwd=str(REPO), start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{script} hung: no exit within {timeout}s\n{out[-6000:]}")
-    result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
-    if check and proc.returncode != 0:
-        pytest.fail(f"{script} exited {proc.returncode}\n{out[-8000:]}")
-    return result
+    return _run_bounded(cmd, full_env, script, timeout, check)
 
 
 def run_torchrun(script: str, *args: str, np: int = 4, timeout: float = 300, env: Optional[Dict[str, str]] = None,
@@ -62,18 +68,7 @@ def run_torchrun(script: str, *args: str, np: int = 4, timeout: float = 300, env
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(np),
            str(MPI_DIR / script), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
-                            cwd=str(REPO), start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{script} under torchrun hung: no exit within {timeout}s\n{out[-6000:]}")
-    result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
-    if check and proc.returncode != 0:
-        pytest.fail(f"{script} under torchrun exited {proc.returncode}\n{out[-8000:]}")
-    return result
+    return _run_bounded(cmd, full_env, f"{script} under torchrun", timeout, check)
 
 
 def expect_passes(result: subprocess.CompletedProcess, checks: Iterable[str], np: int = 4) -> None:

@@ -41,7 +41,15 @@ def _emulator(nodes: int, ranks: int, args, launcher: str = "mpirun", rate: str 
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.Popen(["bash", str(EMULATOR), str(nodes), str(ranks), str(PROGRAM), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal)
+
+
+def _as_from_a_terminal() -> None:
+    """SIGINT and SIGTERM at their defaults, as a command started from a terminal has them. A
+    test suite started in the background inherits SIGINT ignored, and a shell cannot trap a
+    signal ignored on entry, so the Ctrl-C check would test that instead."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _stop(proc: subprocess.Popen) -> None:
