@@ -200,7 +200,8 @@ def run_one(args, run: Dict, runs_dir: Path) -> Dict:
                               PROGRAMS.get(run["method"], RANK_PROGRAM), engine)
     start = time.perf_counter()
     status, output = run_process(cmd, env, args.timeout or 3 * args.budget + 600)
-    result = {**run, "options": options, "elapsed_s": time.perf_counter() - start, "returncode": status}
+    shown = [os.path.relpath(o, REPO) if o.startswith(str(REPO)) else o for o in map(str, options)]  # no machine paths
+    result = {**run, "options": shown, "elapsed_s": time.perf_counter() - start, "returncode": status}
     if status == 0:
         result.update(status="ok", **summarise_run(folder, link_dir, args.parameter_bytes))
     else:
