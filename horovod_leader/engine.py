@@ -180,6 +180,9 @@ class TorchEngine:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # every rank leaves together: a rank that tears Gloo down while a peer still has a
+            # connection open may abort that peer's process at exit
+            dist.barrier()
             dist.destroy_process_group()
         from horovod_leader import topology
 
