@@ -37,6 +37,8 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RU
 _VIEWED = {torch.int16: torch.float16}
 
 _state = {"engine": None, "name": None}
+#: how every message says that Horovod is absent (the test suite skips the checks needing it on it)
+HOROVOD_MISSING = "Horovod is not installed (the set-up skipped it, or its build failed)"
 
 
 def started_by_torchrun() -> bool:
@@ -69,8 +71,8 @@ def choose(backend: Optional[str] = None) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"{source} must be one of {list(BACKENDS)}, got {backend!r}")
         if backend == "horovod" and not horovod_available():
-            raise ValueError(f"{source}=horovod, but Horovod is not installed (set-up skipped or failed to build it): "
-                             f"use the torch engine (backend='torch', --backend torch)")
+            raise ValueError(f"{source}=horovod, but {HOROVOD_MISSING}: use the torch engine (backend='torch', "
+                             f"--backend torch)")
         if backend == "horovod" and started_by_torchrun():
             raise ValueError(f"{source}=horovod, but torchrun started this process: each rank would be a Horovod "
                              f"world of its own; use the torch engine (--backend torch) under torchrun, or launch "
@@ -163,6 +165,11 @@ class TorchEngine:
 
         if not dist.is_initialized():
             missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+            if missing and not horovod_available():
+                raise RuntimeError(f"{HOROVOD_MISSING}, so the toolkit runs on its torch engine, which initialises "
+                                   f"torch.distributed from torchrun's environment, and {missing} are not set: "
+                                   f"launch with torchrun (mpirun and horovodrun need Horovod: run the set-up "
+                                   f"without HOROVOD_LEADER_SKIP_HOROVOD)")
             if missing:
                 raise RuntimeError(f"the torch engine initialises torch.distributed from torchrun's environment, and "
                                    f"{missing} are not set: launch with torchrun (or choose the Horovod engine, "

@@ -6,7 +6,8 @@
 # As root, where network namespaces can be made: on an emulated cluster of 2 nodes x 2 ranks
 # joined by links of LINK_RATE (launch/emulated_cluster.sh), where communication costs what it
 # costs on a cluster. Elsewhere: one node of 4 ranks over shared memory, in 2 groups of 2,
-# and it says so.
+# and it says so. Without Horovod (a set-up with HOROVOD_LEADER_SKIP_HOROVOD=1, or whose Horovod
+# build failed) the same runs on the torch.distributed engine, launched by torchrun.
 #   bash launch/quickstart.sh
 # Environment: BUDGET (seconds of training per method, default 15), EVAL_EVERY (seconds of
 # training between evaluations, default 1.5), LINK_RATE (default 100mbit), EMULATE (auto, yes
@@ -56,8 +57,17 @@ say "(evaluation excluded), --preset paper; every method's curve is its centre (
 rm -rf "$OUT"
 ARGS=(-m horovod_leader.compare --methods "${CHOSEN[@]}" --out "$OUT" --preset paper --dataset mnist1d --model mlp
       --time-budget "$BUDGET" --eval-every "$EVAL_EVERY" --eval-subset 2000 --checkpoint-every 0 --no-progress)
+if "$PY" -c "import horovod.torch" 2>/dev/null; then
+    LAUNCHER=mpirun
+else  # a set-up without Horovod: the torch.distributed engine, started by torchrun
+    LAUNCHER=torchrun
+    say "Horovod is not installed: running on the torch.distributed engine, launched by torchrun."
+fi
 if [ -z "$REASON" ]; then
-    LINK_RATE=$LINK_RATE bash "$ROOT/launch/emulated_cluster.sh" 2 2 "${ARGS[@]}"
+    EMULATED_LAUNCHER=$LAUNCHER LINK_RATE=$LINK_RATE bash "$ROOT/launch/emulated_cluster.sh" 2 2 "${ARGS[@]}"
+elif [ "$LAUNCHER" = torchrun ]; then
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$ROOT/.venv/bin/torchrun" --standalone --nproc-per-node 4 "${ARGS[@]}" \
+        --group-size 2
 else
     bash "$ROOT/launch/mpirun.sh" 4 "${ARGS[@]}" --group-size 2
 fi

@@ -113,8 +113,16 @@ HVD_FLAGS=$(env | grep '^HOROVOD_' | grep -v '^HOROVOD_LEADER_' | sort | tr '\n'
 WHEEL_DIR="$CACHE/horovod-$HOROVOD_VERSION-torch$TORCH_TAG-$BUILD_FLAVOUR-$(hash_of <(echo "$HVD_FLAGS"))"
 
 HOROVOD_SKIPPED=""
-if [ "${HOROVOD_LEADER_SKIP_HOROVOD:-0}" = 1 ]; then
-    HOROVOD_SKIPPED="HOROVOD_LEADER_SKIP_HOROVOD=1"
+# The choice to skip Horovod is kept with the venv, so that a later set-up (the quick start's,
+# the tests') does not install it behind the user's back; HOROVOD_LEADER_SKIP_HOROVOD=0 undoes it.
+SKIP_STAMP="$VENV/.horovod-skipped"
+SKIP_HOROVOD=${HOROVOD_LEADER_SKIP_HOROVOD:-}
+if [ -z "$SKIP_HOROVOD" ] && [ -f "$SKIP_STAMP" ] && [ -z "$HOROVOD_OK" ]; then
+    SKIP_HOROVOD=1; SKIP_WHY="HOROVOD_LEADER_SKIP_HOROVOD=1 when this environment was set up; =0 installs it"
+fi
+if [ "${SKIP_HOROVOD:-0}" = 1 ]; then
+    HOROVOD_SKIPPED=${SKIP_WHY:-HOROVOD_LEADER_SKIP_HOROVOD=1}
+    touch "$SKIP_STAMP"
     say "Horovod: skipped ($HOROVOD_SKIPPED): the toolkit runs on its torch.distributed engine (launch with torchrun)"
 elif [ -n "$HOROVOD_OK" ]; then
     say "Horovod $HOROVOD_VERSION: already installed"
@@ -153,6 +161,7 @@ else
     fi
     if [ -z "$HOROVOD_SKIPPED" ]; then
         "$PY" -m pip install -q --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
+        rm -f "$SKIP_STAMP"
         CHANGED=1
     else
         say "WARNING: no Horovod, $HOROVOD_SKIPPED: the toolkit runs on its torch.distributed engine (launch with torchrun)"

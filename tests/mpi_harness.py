@@ -49,7 +49,12 @@ def _run_bounded(cmd, env: Dict[str, str], what: str, timeout: float, check: boo
 
 def run_mpi(script: str, *args: str, np: int = 4, timeout: float = 300, env: Optional[Dict[str, str]] = None,
             check: bool = True) -> subprocess.CompletedProcess:
-    """Run tests/mpi/<script> on ``np`` ranks; fail (not hang) after ``timeout`` seconds."""
+    """Run tests/mpi/<script> on ``np`` ranks (the Horovod engine, under mpirun); fail (not hang)
+    after ``timeout`` seconds; skip, saying why, where Horovod is not installed."""
+    from conftest import HOROVOD_MISSING
+
+    if HOROVOD_MISSING:
+        pytest.skip(HOROVOD_MISSING)
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.setdefault("PYTHONUNBUFFERED", "1")

@@ -19,6 +19,7 @@ def test_fused_update_benchmark_runs(tmp_path):
     assert (tmp_path / "fused_update_cpu.png").stat().st_size > 0
 
 
+@pytest.mark.horovod
 def test_straggler_benchmark_runs(tmp_path):
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "straggler.py"), "--budget", "1", "--out", str(tmp_path),
                     "--no-markdown"], check=True, timeout=300, cwd=REPO)
@@ -30,6 +31,7 @@ def test_straggler_benchmark_runs(tmp_path):
     assert (tmp_path / "straggler.png").stat().st_size > 0
 
 
+@pytest.mark.horovod
 def test_communication_benchmark_runs(tmp_path):
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "communication.py"), "--steps", "64", "--models", "cnn",
                     "--out", str(tmp_path), "--no-markdown"], check=True, timeout=600, cwd=REPO)
@@ -42,6 +44,7 @@ def test_communication_benchmark_runs(tmp_path):
     assert (tmp_path / "communication.png").stat().st_size > 0
 
 
+@pytest.mark.horovod
 def test_time_to_accuracy_benchmark_runs(tmp_path):
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "time_to_accuracy.py"), "--budget", "2", "--seeds", "0",
                     "--methods", "lsgd,dp", "--out", str(tmp_path), "--no-markdown"], check=True, timeout=600, cwd=REPO)
@@ -65,6 +68,7 @@ def _cluster_runs(out: Path):
     return {run["name"]: run for run in json.loads((out / "cluster.json").read_text())["runs"]}
 
 
+@pytest.mark.horovod
 def test_cluster_benchmark_runs_over_shared_memory(tmp_path):
     first = _cluster_benchmark(tmp_path, "shm", "lsgd,dp", "2", tmp_path / "cache")
     runs = _cluster_runs(tmp_path)

@@ -217,7 +217,7 @@ def test_diloco_run(tmp_path):
 
 @pytest.mark.parametrize("options", [
     ["--algo", "lsgd", "--group-size", "2", "--compression", "int8"],
-    ["--algo", "easgd", "--easgd-variant", "one-sided"],
+    pytest.param(["--algo", "easgd", "--easgd-variant", "one-sided"], marks=pytest.mark.horovod),
 ], ids=["lsgd-int8", "easgd-one-sided"])
 def test_asynchronous_run_checkpoints_at_the_end_and_resumes(tmp_path, options):
     """An asynchronous run writes its checkpoint after close() (every rank's state final, the

@@ -115,6 +115,7 @@ def test_groups_follow_nodes_and_links_run_at_their_rate(namespaces):
     assert not leftovers(run_name(result.stdout))
 
 
+@pytest.mark.horovod
 def test_teardown_after_a_rank_fails_and_after_ctrl_c(namespaces):
     failed = run_emulated(["--fail-rank", "3"])
     assert failed.returncode != 0, failed.stdout[-4000:]
@@ -143,6 +144,7 @@ def test_teardown_after_a_rank_fails_and_after_ctrl_c(namespaces):
 
 
 @pytest.mark.parametrize("launcher", ["horovodrun", "horovodrun-gloo"])
+@pytest.mark.horovod
 def test_horovodrun_across_emulated_hosts(namespaces, launcher, tmp_path):
     result = run_emulated(["--train", tmp_path / "lsgd"], launcher=launcher)
     assert result.returncode == 0, result.stdout[-8000:]

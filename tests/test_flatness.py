@@ -180,6 +180,7 @@ def test_distributed_equals_single_process():
                            "cnn_equals_single_process", "group_process_set", "bad_arguments_on_every_rank"])
 
 
+@pytest.mark.horovod
 def test_training_command_measures_flatness_and_report_shows_it(tmp_path):
     """``--flatness`` on a 4-rank LSGD run: the final record holds the centre's and the leader's
     figures, they are what one process computes from the final checkpoint, and the report's
@@ -230,6 +231,7 @@ def test_training_command_measures_flatness_and_report_shows_it(tmp_path):
     assert cells[-1] == f"{last['hessian_top_eigenvalue']:.4g} (leader {last['leader_hessian_top_eigenvalue']:.4g})"
 
 
+@pytest.mark.horovod
 def test_benchmark_orderings_and_a_tiny_run(tmp_path):
     """The benchmark's verdict logic on given figures, then the script end to end on one short run."""
     import json

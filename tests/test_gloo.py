@@ -13,6 +13,8 @@ import pytest
 
 from mpi_harness import MPI_DIR, REPO, expect_passes
 
+pytestmark = pytest.mark.horovod  # Horovod's own launcher and Gloo mode
+
 HOROVODRUN = Path(sys.executable).parent / "horovodrun"
 
 

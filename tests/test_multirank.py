@@ -1,6 +1,8 @@
 """Multi-rank tests: each launches `mpirun -np 4` on a program in tests/mpi/ with a timeout."""
 import ast
 
+import pytest
+
 from mpi_harness import expect_passes, run_mpi, values
 
 
@@ -110,6 +112,7 @@ def stream_until_exit(cmd, marker: str, timeout: float = 180):
     return status, time.time() - (seen_at or time.time()), "".join(lines), seen_at is not None
 
 
+@pytest.mark.horovod
 def test_one_rank_raising_ends_the_job():
     """Rank 2 raises inside ``with opt:`` or outside it: every rank ends, non-zero, within 60 s."""
     import sys

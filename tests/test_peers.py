@@ -72,7 +72,8 @@ def _torchft_missing():
     return torchft_missing()
 
 
-@pytest.mark.parametrize("peers", ["torch-localsgd,torch-hierarchical,horovod-dp", "torchft-diloco"])
+@pytest.mark.parametrize("peers", [pytest.param("torch-localsgd,torch-hierarchical,horovod-dp", marks=pytest.mark.horovod),
+                                   "torchft-diloco"])
 def test_peer_scripts_run(tmp_path, peers):
     """benchmarks/peers/run.py over shared memory, a 3-second budget on a narrow MLP."""
     if peers.startswith("torchft") and (why := _torchft_missing()):

@@ -114,6 +114,7 @@ def test_bad_options_fail_fast_under_mpirun(tmp_path):
         assert name in output, (args, output[-1500:])
 
 
+@pytest.mark.horovod
 def test_dead_rank_then_resume_is_bitwise(tmp_path):
     """A rank is killed mid-run; ``--resume OUT`` alone then finishes the run with its saved
     configuration (30 epochs, groups of 2, ...), bitwise as an uninterrupted run."""
