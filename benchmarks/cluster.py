@@ -91,6 +91,9 @@ TASKS = {
     "lm": ["--dataset", "pystdlib", "--model", "gpt", "--inner-optimizer", "adamw", "--lr", "0.001",
            "--weight-decay", "0.01", "--batch-size", "16", "--eval-subset", "256"],
 }
+#: seconds a run spends outside its training clock (start-up, evaluations), measured on the
+#: 2-core development machine: the language model's evaluations are most of its run
+RUN_OVERHEAD_S = {"mnist1d": 60, "lm": 220}
 RATES, EXTENDED_RATES = ["100mbit", "1gbit", "shm"], ["10gbit"]
 SHAPES, EXTENDED_SHAPES = ["2x2"], ["4x1"]
 
@@ -281,7 +284,8 @@ def parse_args(argv=None):
     parser.add_argument("--timeout", type=float, default=None, help="seconds per run before it counts as hung "
                         "(default: 3 x budget + 600)")
     parser.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
-    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results, and "
+                        "benchmarks/results/lm for --task lm: one folder holds one setting)")
     parser.add_argument("--section", default="cluster", help="the BENCHMARKS.md section it rewrites, and the stem of "
                         "its JSON and plot files (another name keeps, say, the compression comparison beside the "
                         "core grid)")
@@ -317,11 +321,13 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def main(argv=None, command: Optional[List[str]] = None) -> int:
+    """Run the grid, then write its summary. ``command``: the program and arguments to record as
+    the command that made the results (a wrapper's own, such as ``benchmarks/peers/run.py``)."""
     args = parse_args(argv)
     from cluster_summary import write_outputs
 
-    out = Path(args.out)
+    out = Path(args.out or HERE / "results" / ("lm" if args.task == "lm" else ""))
     runs_dir = out / "cluster_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     skipped = {m: why for m in args.method_list if (why := unavailable_reason(m))}
@@ -341,9 +347,10 @@ def main(argv=None) -> int:
             if previous["status"] == "ok" or not args.retry_failed:
                 done[run["name"]] = previous
     todo = [run for run in grid if run["name"] not in done]
+    overhead = RUN_OVERHEAD_S[args.task]
     print(f"{len(grid)} runs, {len(done)} already done, {len(todo)} to run: about "
-          f"{len(todo) * (args.budget + 60) / 60:.0f} min at {args.budget:g} s of training and ~60 s of start-up and "
-          "evaluation each on an idle machine", flush=True)
+          f"{len(todo) * (args.budget + overhead) / 60:.0f} min at {args.budget:g} s of training and ~{overhead} s of "
+          "start-up and evaluation each on an idle machine", flush=True)
     if todo:
         prepare_data(args)
     for i, run in enumerate(todo, 1):
@@ -358,8 +365,8 @@ def main(argv=None) -> int:
             print(f"[{i}/{len(todo)}] {run['name']}: {result['status']} (exit {result['returncode']}); "
                   f"output tail:\n{result['output_tail'][-1500:]}", flush=True)
     results = [done[run["name"]] for run in grid]
-    write_outputs(args, results, skipped, out, command=" ".join(["python", "benchmarks/cluster.py", *(argv or
-                                                                                                     sys.argv[1:])]))
+    shown = command or ["benchmarks/cluster.py", *(argv if argv is not None else sys.argv[1:])]
+    write_outputs(args, results, skipped, out, command=" ".join(["python", *shown]))
     return 0
 
 

@@ -40,9 +40,11 @@ NAMES = {"lsgd": "LSGD (multi-leader)", "mgrawa": "MGRAWA", "easgd": "EASGD", "l
          "PyTorch PostLocalSGD, HierarchicalModelAverager", "torchft-diloco": "torchft DiLoCo",
          "torchft-localsgd": "torchft LocalSGD", "horovod-dp": "Horovod DistributedOptimizer"}
 
-# (the toolkit's method, its peer, the speed target: the toolkit at least this fast)
+# (the toolkit's method, its peer, the speed target: the toolkit at least this fast); ``@torch``:
+# the toolkit on its torch engine, on the peers' own runtime (torch.distributed over Gloo)
 PEER_PAIRS = [("localsgd", "torch-localsgd", 1.0), ("localsgd", "torch-hierarchical", None),
-              ("localsgd", "torchft-localsgd", None), ("diloco", "torchft-diloco", 1.0), ("dp", "horovod-dp", None)]
+              ("localsgd", "torchft-localsgd", None), ("diloco", "torchft-diloco", 1.0), ("dp", "horovod-dp", None),
+              ("localsgd@torch", "torch-localsgd", 1.0), ("diloco@torch", "torchft-diloco", 1.0)]
 
 
 def summarise_run(folder: Path, link_dir: Path, payload: int) -> Dict:
@@ -92,6 +94,11 @@ def mean_sd(values: List[float], scale: float = 1.0, spec: str = ".2f") -> str:
     return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
 
 
+def score_text(values: List[float], scale: float) -> str:
+    """Accuracies (``scale`` 100) as percentages, losses (``scale`` 1) as bits per byte."""
+    return f"{mean_sd(values, 100)}%" if scale == 100 else f"{mean_sd(values, spec='.3f')} bits/byte"
+
+
 def mean_or_none(values) -> Optional[float]:
     values = [v for v in values if v is not None]
     return statistics.mean(values) if values else None
@@ -119,7 +126,8 @@ def time_to(curve, target: float, budget: float, higher: bool = True) -> Optiona
                 reached = t
             else:
                 reached = previous[0] + (target - previous[1]) / (a - previous[1]) * (t - previous[0])
-            return reached if reached <= budget else None
+            # a curve reaches its own value at the budget exactly there: allow rounding
+            return reached if reached <= budget * (1 + 1e-9) else None
         previous = (t, a)
     return None
 
@@ -196,6 +204,8 @@ def periods_text(method: str, periods: Dict) -> str:
     overlap = f", d={periods['overlap']}" if periods.get("overlap") else ""
     if periods.get("global_period") and method.startswith("lsgd"):
         return f"tau={periods['period']} in a node, tau_G={periods['global_period']}{overlap}"
+    if periods.get("global_period") not in (None, periods.get("period")):  # a hierarchical averager
+        return f"tau={periods['period']} in a node, {periods['global_period']} across{overlap}"
     return f"tau={periods.get('period')}{overlap}"
 
 
@@ -401,13 +411,13 @@ def engine_lines(cells: Dict, shape: str) -> List[str]:
     return lines
 
 
-def versus(name: str, row: Dict, other_name: str, other: Dict) -> str:
-    """One method against another: accuracy at the budget, time to target, link bytes."""
+def versus(name: str, row: Dict, other_name: str, other: Dict, scale: float = 100) -> str:
+    """One method against another: accuracy (or loss) at the budget, time to target, link bytes."""
     def link(r):
         return mean_sd(r["link_sent_per_step"], 1 / r["payload"], ".4f")
 
-    return (f"{name} against {other_name}: accuracy at the budget {mean_sd(row['accuracy_at_budget'], 100)}% "
-            f"against {mean_sd(other['accuracy_at_budget'], 100)}%, time to target "
+    return (f"{name} against {other_name}: at the budget {score_text(row['accuracy_at_budget'], scale)} "
+            f"against {score_text(other['accuracy_at_budget'], scale)}, time to target "
             f"{mean_sd(row['time_to_target'], spec='.1f')} s ({row['reached']}/{row['runs']}) against "
             f"{mean_sd(other['time_to_target'], spec='.1f')} s ({other['reached']}/{other['runs']}), "
             f"link bytes per step (all nodes sent) {link(row)} P against {link(other)} P")
@@ -429,8 +439,8 @@ def peer_lines(cells: Dict, shape: str) -> List[str]:
             line = (f"- {rate}: {name_of(mine)} {mean_sd(m[mine]['steps_per_s'])} steps/s against "
                     f"{name_of(peer)} {mean_sd(m[peer]['steps_per_s'])}"
                     + (f" ({ratio:.2f}x)" if ratio else "")
-                    + f"; accuracy at the budget {mean_sd(m[mine]['accuracy_at_budget'], 100)}% against "
-                    f"{mean_sd(m[peer]['accuracy_at_budget'], 100)}%")
+                    + f"; at the budget {score_text(m[mine]['accuracy_at_budget'], cell['scale'])} against "
+                    f"{score_text(m[peer]['accuracy_at_budget'], cell['scale'])}")
             if target is not None and ratio is not None:
                 line += f" (target: at least {target:.1f}x as fast): **{'met' if ratio >= target else 'not met'}**"
             lines.append(line + ".")
@@ -470,9 +480,9 @@ def compression_lines(cells: Dict, shape: str) -> List[str]:
                 lines.append(line + ".")
         if "lsgd-int8" in m and "lsgd-tauG64" in m:
             lines.append(f"- {rate}: at about equal link bytes, "
-                         + versus("lsgd-int8", m["lsgd-int8"], "lsgd-tauG64 (uncompressed)", m["lsgd-tauG64"]) + ".")
+                         + versus("lsgd-int8", m["lsgd-int8"], "lsgd-tauG64 (uncompressed)", m["lsgd-tauG64"], cell["scale"]) + ".")
         if "diloco" in m and "lsgd" in m:
-            lines.append(f"- {rate}: " + versus("diloco", m["diloco"], "lsgd", m["lsgd"]) + ".")
+            lines.append(f"- {rate}: " + versus("diloco", m["diloco"], "lsgd", m["lsgd"], cell["scale"]) + ".")
     return lines
 
 
@@ -556,7 +566,7 @@ def write_outputs(args, results: List[Dict], skipped: Dict[str, str], out: Path,
         for (cell_shape, rate), cell in sorted(cells.items(), key=lambda kv: rate_order(kv[0][1])):
             if cell_shape != shape:
                 continue
-            target = f"{100 * cell['target']:.2f}%" if cell["target"] is not None else (
+            target = score_text([cell["target"]], cell["scale"]) if cell["target"] is not None else (
                 "none: no data-parallel SGD evaluation within the budget" if "dp" in cell["runs"] else
                 "none: no data-parallel SGD run")
             failed = "; ".join(f"{name_of(m)}: {len(rs)} run(s) {rs[0]['status']}" for m, rs in

@@ -126,3 +126,22 @@ def test_cluster_summary_compares_compression_at_equal_steps():
     worse = {"curve": [(t, t / 1500) for t in (10.0, 20.0, 30.0)], "steps_per_s": 1.0, "steps": 30}
     change, steps = cluster_summary.equal_steps_change([plain], [worse])
     assert steps == 30 and change == pytest.approx(-1.0)
+
+
+def test_cluster_summary_reads_a_loss_curve_against_its_own_value_at_the_budget():
+    """Data-parallel SGD reaches its own loss at the budget at the budget, even when its last
+    evaluation falls past it (the target is read between the last two points); a loss is
+    shown in bits per byte, not as a percentage."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import cluster_summary
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    # the language model's data-parallel run: evaluations at 54.1 s and 60.5 s, budget 60 s
+    curve = [(6.3, 4.9), (30.2, 4.3), (54.1, 4.1), (60.5, 4.0298)]
+    target = cluster_summary.accuracy_at(curve, 60.0)
+    assert 4.0298 < target < 4.1
+    assert cluster_summary.time_to(curve, target, 60.0, higher=False) == pytest.approx(60.0)
+    assert cluster_summary.time_to(curve, target - 0.01, 60.0, higher=False) is None
+    assert cluster_summary.score_text([target], 1) == f"{target:.3f} bits/byte"
+    assert cluster_summary.score_text([0.5, 0.7], 100) == "60.00 ± 14.14%"

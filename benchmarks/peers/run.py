@@ -16,7 +16,8 @@ options apply). The pairs compared at equal settings:
 * the toolkit's data-parallel SGD and Horovod's ``DistributedOptimizer`` (the same code).
 
 A peer that cannot be installed or run here is not faked: the run says why
-(``PROGRAM_CHECKS``). The results go to BENCHMARKS.md's ``peers`` section.
+(``PROGRAM_CHECKS``). The runs go to ``benchmarks/results/peers/`` (``--out``), the tables to
+BENCHMARKS.md's ``peers`` section (``--section``).
 """
 import shutil
 import sys
@@ -65,13 +66,16 @@ def register() -> None:
 def main(argv=None) -> int:
     register()
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = ["benchmarks/peers/run.py", *argv]  # what to record: the defaults below are this script's
     if "--methods" not in argv:
         argv += ["--methods", ",".join(TOOLKIT + list(PEERS))]
     if "--rates" not in argv:
         argv += ["--rates", "100mbit,1gbit"]
+    if "--out" not in argv:  # a results folder of their own: one folder holds one setting and one grid's runs
+        argv += ["--out", str(HERE.parent / "results" / "peers")]
     if "--section" not in argv:
         argv += ["--section", "peers"]
-    return cluster.main(argv)
+    return cluster.main(argv, command=command)
 
 
 if __name__ == "__main__":
