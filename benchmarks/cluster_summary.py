@@ -199,7 +199,7 @@ def aggregate(results: List[Dict]) -> Dict:
 
 
 def periods_text(method: str, periods: Dict) -> str:
-    if method.startswith("dp"):
+    if method.startswith(("dp", "horovod-dp")):
         return "every step"
     overlap = f", d={periods['overlap']}" if periods.get("overlap") else ""
     if periods.get("global_period") and method.startswith("lsgd"):
