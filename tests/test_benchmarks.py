@@ -10,6 +10,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def summary_module():
+    """``benchmarks/cluster_summary.py``, imported from the benchmarks folder."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import cluster_summary
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return cluster_summary
+
+
 def test_fused_update_benchmark_runs(tmp_path):
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "fused_update.py"), "--sizes", "1e4,2e4", "--repeats", "2",
                     "--out", str(tmp_path), "--no-markdown"], check=True, timeout=300, cwd=REPO)
@@ -111,11 +121,7 @@ def test_cluster_benchmark_counts_link_bytes_on_the_emulated_cluster(tmp_path):
 
 def test_cluster_summary_compares_compression_at_equal_steps():
     """A run twice as fast, with the same accuracy per step, shows no change at equal steps."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import cluster_summary
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    cluster_summary = summary_module()
     # accuracy = steps / 1000: the plain run takes 1 step/s, the compressed one 2 steps/s
     plain = {"curve": [(t, t / 1000) for t in (10.0, 20.0, 30.0, 40.0)], "steps_per_s": 1.0, "steps": 40}
     packed = {"curve": [(t, 2 * t / 1000) for t in (10.0, 20.0, 30.0, 40.0)], "steps_per_s": 2.0, "steps": 80}
@@ -132,11 +138,7 @@ def test_cluster_summary_reads_a_loss_curve_against_its_own_value_at_the_budget(
     """Data-parallel SGD reaches its own loss at the budget at the budget, even when its last
     evaluation falls past it (the target is read between the last two points); a loss is
     shown in bits per byte, not as a percentage."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import cluster_summary
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    cluster_summary = summary_module()
     # the language model's data-parallel run: evaluations at 54.1 s and 60.5 s, budget 60 s
     curve = [(6.3, 4.9), (30.2, 4.3), (54.1, 4.1), (60.5, 4.0298)]
     target = cluster_summary.accuracy_at(curve, 60.0)
